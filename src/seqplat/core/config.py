@@ -111,7 +111,9 @@ class RunConfig(_Strict):
 
     description: str = Field("", description="free text shown by `seqplat recipes`")
     cell: dict[str, Any] = Field(default_factory=lambda: {"name": "lstm"}, description="the cell: {name, options}")
-    task: dict[str, Any] = Field(default_factory=lambda: {"name": "copy_memory"}, description="the task: {name, options}")
+    task: dict[str, Any] = Field(
+        default_factory=lambda: {"name": "copy_memory"}, description="the task: {name, options}"
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="model assembly")
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking")
@@ -261,30 +263,39 @@ def validate_run(data: dict[str, Any], registry: Any | None = None) -> RunConfig
 
     reg = registry or get_registry()
     data = {k: v for k, v in data.items() if k != "base"}
+    lines: list[str] = []
+    run: RunConfig | None = None
     try:
         run = RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from exc
-    lines: list[str] = []
+        lines.extend(format_validation_error(exc))
+    defaults = RunConfig()
+    raw_cell = data.get("cell", defaults.cell)
+    raw_task = data.get("task", defaults.task)
+    raw_regs = data.get("regularizers") or []
+    raw_quant = data.get("quantizer")
     resolved: dict[str, Any] = {}
-    for field_name, kind in (("cell", "cell"), ("task", "task")):
+    for field_name, kind, spec in (("cell", "cell", raw_cell), ("task", "task", raw_task)):
+        if any(line.startswith(field_name + ":") for line in lines):
+            continue  # already reported by the run-level validation
         try:
-            resolved[field_name] = validate_component(kind, getattr(run, field_name), field_name, reg)
+            resolved[field_name] = validate_component(kind, spec, field_name, reg)
         except ConfigError as exc:
             lines.extend(exc.lines)
     regs = []
-    for i, spec in enumerate(run.regularizers):
-        try:
-            regs.append(validate_component("regularizer", spec, f"regularizers.{i}", reg))
-        except ConfigError as exc:
-            lines.extend(exc.lines)
+    if isinstance(raw_regs, list):
+        for i, spec in enumerate(raw_regs):
+            try:
+                regs.append(validate_component("regularizer", spec, f"regularizers.{i}", reg))
+            except ConfigError as exc:
+                lines.extend(exc.lines)
     quant = None
-    if run.quantizer is not None:
+    if isinstance(raw_quant, dict):
         try:
-            quant = validate_component("quantizer", run.quantizer, "quantizer", reg)
+            quant = validate_component("quantizer", raw_quant, "quantizer", reg)
         except ConfigError as exc:
             lines.extend(exc.lines)
-    if lines:
+    if lines or run is None:
         raise ConfigError(lines)
     run = run.model_copy(update={"cell": resolved["cell"], "task": resolved["task"],
                                  "regularizers": regs, "quantizer": quant})

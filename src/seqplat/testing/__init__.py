@@ -61,7 +61,8 @@ def check_cell(spec: dict[str, Any] | str, input_size: int = 3, batch: int = 2, 
 
     # shapes
     y, state = cell(x, None, times=times)
-    assert y.shape == (batch, time, cell.output_size), f"{name}: y has shape {tuple(y.shape)}, expected {(batch, time, cell.output_size)}"
+    want = (batch, time, cell.output_size)
+    assert y.shape == want, f"{name}: y has shape {tuple(y.shape)}, expected {want}"
     for s in flatten_state(state):
         assert s.shape[0] == batch, f"{name}: state tensor {tuple(s.shape)} is not batch-first"
     init = cell.initial_state(batch, x.device)

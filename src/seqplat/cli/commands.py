@@ -1,0 +1,219 @@
+"""Built-in commands: train, evaluate, plugins, cells, tasks, recipes, regularizers, quantizers, config."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from seqplat.cli import UserError, echo_json, main, resolve, source_options
+
+
+@main.command()
+@source_options
+@click.option("--resume", default=None, metavar="URL",
+              help="Continue a run from its folder or checkpoint URL (its stored config is used; --set may extend "
+                   "train.steps).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def train(plugin, recipe, config_files, overrides, resume, tracking_uri, no_progress) -> None:
+    """Train a model and log the run to MLflow.
+
+    \b
+    Examples:
+      seqplat train --plugin gam_rhn
+      seqplat train --recipe baselines/ptb_char_small --set train.lr=2e-3
+      seqplat train --resume runs/ptb_char-lstm-20261122-101500-ab12cd
+    """
+    from seqplat.core.config import apply_override, validate_run
+    from seqplat.core.train import train as run_training
+
+    if resume is not None:
+        from seqplat.core.checkpoint import load_checkpoint
+
+        data = load_checkpoint(resume).config
+        for assignment in overrides:
+            data = apply_override(data, assignment)
+        if tracking_uri:
+            data["tracking"]["tracking_uri"] = tracking_uri
+        run = validate_run(data)
+    else:
+        extra = list(overrides) + ([f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else [])
+        run = resolve(plugin, recipe, config_files, tuple(extra))
+    result = run_training(run, resume=resume, progress=not no_progress)
+    click.echo(f"valid: {_fmt(result.valid_metrics)}")
+    click.echo(f"test:  {_fmt(result.test_metrics)}")
+    click.echo(f"parameters: {result.num_parameters:,}  steps: {result.steps}  "
+               f"train tokens/s: {result.train_tokens_per_s:,.0f}  wall: {result.wall_time_s:.1f}s")
+    click.echo(f"checkpoint: {result.checkpoint_dir}")
+    if result.run_id:
+        click.echo(f"mlflow run: {result.run_id}")
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+@main.command()
+@click.argument("ref", metavar="RUN_ID_OR_CHECKPOINT_URL")
+@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Evaluation batch size (default: the run's).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI for run ids.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def evaluate(ref, split, batch_size, tracking_uri, as_json) -> None:
+    """Rebuild a model from a logged run (id or runs:/ID) or a checkpoint URL and print its metrics."""
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+    from seqplat.core.train import evaluate_checkpoint
+
+    metrics, run = evaluate_checkpoint(ref, split, batch_size)
+    if as_json:
+        echo_json({"split": split, "cell": run.cell["name"], "task": run.task["name"], "metrics": metrics})
+    else:
+        click.echo(f"{run.cell['name']} on {run.task['name']} ({split}): {_fmt(metrics)}")
+
+
+# -- plugins -------------------------------------------------------------------------------------
+
+@main.group()
+def plugins() -> None:
+    """Installed plugins."""
+
+
+@plugins.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins_list(as_json: bool) -> None:
+    """List plugins with distribution, version, status and what they registered."""
+    from seqplat.registry import get_registry
+
+    reg = get_registry()
+    rows = [info.as_dict() for info in sorted(reg.plugins.values(), key=lambda i: i.name)]
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo("No plugins loaded (is SEQPLAT_LOAD_PLUGINS empty?).")
+    for r in rows:
+        kinds = ("cells", "tasks", "regularizers", "quantizers", "recipes")
+        what = ", ".join(f"{len(r[k])} {k}" for k in kinds if r[k])
+        status = "ok" if r["status"] == "ok" else f"BROKEN: {r['error']}"
+        click.echo(f"{r['name']:<14} {r['distribution'] or '-'} {r['version'] or '-':<8} {status}"
+                   + (f"  [{what}]" if what and r["status"] == "ok" else ""))
+
+
+@plugins.command("info")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins_info(name: str, as_json: bool) -> None:
+    """Show one plugin: distribution, version, hooks, and every name it registered."""
+    from seqplat.registry import get_registry
+
+    info = get_registry().get_plugin(name).as_dict()
+    if as_json:
+        echo_json(info)
+        return
+    for k in ("name", "distribution", "version", "module", "status", "error"):
+        if info[k] is not None:
+            click.echo(f"{k}: {info[k]}")
+    click.echo(f"hooks: {', '.join(info['hooks']) or '-'}")
+    for k in ("cells", "tasks", "regularizers", "quantizers", "recipes"):
+        click.echo(f"{k}: {', '.join(info[k]) or '-'}")
+
+
+# -- listings ------------------------------------------------------------------------------------
+
+def _fields(model_cls: Any) -> list[dict[str, Any]]:
+    out = []
+    for name, f in model_cls.model_fields.items():
+        default = f.get_default(call_default_factory=True)
+        if hasattr(default, "model_dump"):
+            default = default.model_dump(mode="json")
+        out.append({"name": name, "type": _type_name(f.annotation), "default": default,
+                    "description": f.description or ""})
+    return out
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _listing(kind: str, as_json: bool, options: bool) -> None:
+    from seqplat.registry import get_registry
+
+    reg = get_registry()
+    rows = []
+    for name in reg.names(kind):
+        e = reg.get(kind, name)
+        row: dict[str, Any] = {"name": name, "plugin": e.plugin, "description": e.description}
+        if kind != "recipe":
+            row["options"] = _fields(e.obj.config_class)
+        rows.append(row)
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<28} {r['plugin']:<12} {r['description']}")
+        if options and "options" in r:
+            for o in r["options"]:
+                click.echo(f"    {o['name']} ({o['type']}, default {json.dumps(o['default'])}): {o['description']}")
+
+
+for _kind, _help in (("cell", "recurrent cells"), ("task", "tasks"), ("regularizer", "regularizers"),
+                     ("quantizer", "quantizers"), ("recipe", "recipes (named complete runs)")):
+    def _make(kind: str = _kind, help_text: str = _help) -> click.Command:
+        @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+        @click.option("--options", is_flag=True, help="Show each one's config fields.")
+        def cmd(as_json: bool, options: bool) -> None:
+            _listing(kind, as_json, options)
+
+        cmd.__doc__ = f"List installed {help_text}."
+        return click.command(name=kind + "s")(cmd)
+
+    main.add_command(_make())
+
+
+# -- config --------------------------------------------------------------------------------------
+
+@main.group()
+def config() -> None:
+    """Inspect resolved run configurations."""
+
+
+@config.command("show")
+@source_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (includes num_parameters).")
+def config_show(plugin, recipe, config_files, overrides, as_json) -> None:
+    """Print the resolved config (recipe -> --config -> --set) and the model's parameter count."""
+    import torch
+
+    from seqplat.core.model import build_model, count_parameters
+    from seqplat.core.train import run_to_yaml
+
+    run = resolve(plugin, recipe, config_files, overrides)
+    torch.manual_seed(run.train.seed)
+    num = count_parameters(build_model(run))
+    if as_json:
+        echo_json({"config": run.model_dump(mode="json"), "num_parameters": num})
+    else:
+        click.echo(run_to_yaml(run).rstrip())
+        click.echo(f"# num_parameters: {num:,}")
+
+
+@config.command("schema")
+@click.option("--cell", default=None, help="Print this cell's option schema instead of the run's.")
+@click.option("--task", default=None, help="Print this task's option schema instead of the run's.")
+def config_schema(cell: str | None, task: str | None) -> None:
+    """Print the JSON schema of the run config (or of one cell's or task's options)."""
+    from seqplat.core.config import RunConfig
+    from seqplat.registry import get_registry
+
+    if cell and task:
+        raise UserError("--cell and --task: give one of them")
+    if cell or task:
+        entry = get_registry().get("cell" if cell else "task", cell or task)
+        echo_json(entry.obj.config_class.model_json_schema())
+    else:
+        echo_json(RunConfig.model_json_schema())
