@@ -217,3 +217,81 @@ def config_schema(cell: str | None, task: str | None) -> None:
         echo_json(entry.obj.config_class.model_json_schema())
     else:
         echo_json(RunConfig.model_json_schema())
+
+
+# -- bench ---------------------------------------------------------------------------------------
+
+@main.command()
+@source_options
+@click.option("--hidden", "hidden", multiple=True, type=int, help="Hidden size(s) (default: the config's).")
+@click.option("--batch", "batch", multiple=True, type=int, default=(32,), show_default=True, help="Batch size(s).")
+@click.option("--time", "time_steps", multiple=True, type=int, default=(100,), show_default=True,
+              help="Sequence length(s).")
+@click.option("--input-size", type=int, default=128, show_default=True, help="Input features per step.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--all", "all_cells", is_flag=True,
+              help="Every installed cell at H in {256,1024}, B in {32,128}, T in {100,1000} (unless given).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--mlflow", "log_mlflow", is_flag=True, help="Also log the results as an MLflow run.")
+def bench(plugin, recipe, config_files, overrides, hidden, batch, time_steps, input_size, threads, repeats, warmup,
+          all_cells, as_json, log_mlflow) -> None:
+    """Train/inference tokens/s, FLOPs and memory of a cell, beside torch's fused LSTM, as ratios.
+
+    \b
+    Examples:
+      seqplat bench --set cell.name=gru --hidden 256 --hidden 1024
+      seqplat bench --recipe gam_rhn/ptb_char_1m --batch 32 --batch 128
+      seqplat bench --all --json > bench.json
+    """
+    from seqplat.core.bench import bench_cell, matmul_peak_gflops, with_hidden
+    from seqplat.registry import get_registry
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    peak = matmul_peak_gflops()
+    if all_cells:
+        specs = [{"name": n} for n in get_registry().names("cell")]
+        hidden = hidden or (256, 1024)
+        if batch == (32,):
+            batch = (32, 128)
+        if time_steps == (100,):
+            time_steps = (100, 1000)
+    else:
+        specs = [resolve(plugin, recipe, config_files, overrides).cell]
+    results = []
+    for spec in specs:
+        for h in hidden or (spec.get("hidden_size"),):
+            try:
+                s = with_hidden(spec, h)
+            except Exception as exc:  # noqa: BLE001 - --all goes on past cells without a hidden_size
+                if not all_cells:
+                    raise
+                click.echo(f"skip {spec['name']}: {exc}", err=True)
+                continue
+            size = int(s.get("hidden_size") or h or 0)
+            for b in batch:
+                for t in time_steps:
+                    r = bench_cell(s, size, b, t, input_size, threads, repeats, warmup, peak=peak)
+                    results.append(r.as_dict())
+                    if not as_json:
+                        click.echo(
+                            f"{r.name:<14} H={r.hidden:<5} B={r.batch:<4} T={r.time:<5} thr={r.threads} "
+                            f"train {r.train_tokens_per_s:>10,.0f} tok/s ({r.train_ratio_vs_lstm:.2f}x LSTM)  "
+                            f"infer {r.infer_tokens_per_s:>10,.0f} tok/s ({r.infer_ratio_vs_lstm:.2f}x)  "
+                            f"{r.gflops_train:6.1f} GFLOP/s ({r.flop_rate_ratio_vs_lstm:.2f}x LSTM, "
+                            f"peak {r.matmul_peak_gflops:.0f})  saved {r.saved_mb:.1f} MB"
+                        )
+    if as_json:
+        echo_json(results)
+    if log_mlflow:
+        import mlflow
+
+        mlflow.set_experiment("seqplat-bench")
+        with mlflow.start_run(run_name="bench"):
+            for i, r in enumerate(results):
+                mlflow.log_metrics({k: float(v) for k, v in r.items() if isinstance(v, int | float)}, step=i)
+            mlflow.log_dict(results, "bench.json")

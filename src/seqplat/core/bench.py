@@ -1,0 +1,184 @@
+"""Throughput, FLOPs and memory of cells, measured side by side with torch's fused LSTM.
+
+Every figure comes with its ratio to ``nn.LSTM`` at the same hidden size, batch, length and threads,
+measured in the same process, and the machine's matmul peak, so numbers from a shared or different
+machine stay comparable. Tokens/s counts time steps x batch per second; training is forward + backward
+of ``sum(y * w)``; inference is a no-grad forward. Timings are medians of ``repeats`` after ``warmup``.
+
+Memory: ``saved_mb`` is what autograd keeps for the backward pass (the tensors saved during the forward,
+counted once per storage), the part that grows with sequence length; ``peak_rss_mb`` is the process's
+peak resident memory so far (monotonic, shown for reference).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from seqplat.core.model import build_cell
+
+
+@dataclass
+class BenchResult:
+    name: str
+    hidden: int
+    batch: int
+    time: int
+    input_size: int
+    threads: int
+    train_tokens_per_s: float
+    infer_tokens_per_s: float
+    train_step_ms: float
+    infer_step_us_per_token_row: float
+    flops_per_token_train: float
+    gflops_train: float
+    saved_mb: float
+    peak_rss_mb: float
+    params: int
+    lstm_train_tokens_per_s: float = 0.0
+    lstm_infer_tokens_per_s: float = 0.0
+    lstm_gflops_train: float = 0.0
+    train_ratio_vs_lstm: float = 0.0
+    infer_ratio_vs_lstm: float = 0.0
+    flop_rate_ratio_vs_lstm: float = 0.0
+    matmul_peak_gflops: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _median_time(fn: Any, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    sec = _median_time(lambda: torch.mm(a, b), repeats, 2)
+    return 2 * n**3 / sec / 1e9
+
+
+class _SavedBytes:
+    """Counts bytes autograd saves for backward (deduplicated by storage)."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.bytes = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            key = t.untyped_storage().data_ptr()
+            if key not in self.seen:
+                self.seen.add(key)
+                self.bytes += t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+
+def _measure(module: nn.Module, x: torch.Tensor, repeats: int, warmup: int, times: torch.Tensor | None) -> dict:
+    b, t, _ = x.shape
+    module.train()
+
+    def fwd() -> torch.Tensor:
+        if isinstance(module, nn.LSTM):
+            return module(x)[0]
+        return module(x, None, times=times)[0]
+
+    y0 = fwd()
+    w = torch.randn_like(y0)
+
+    def train_step() -> None:
+        module.zero_grad(set_to_none=True)
+        (fwd() * w).sum().backward()
+
+    def infer() -> None:
+        with torch.no_grad():
+            fwd()
+
+    train_s = _median_time(train_step, repeats, warmup)
+    infer_s = _median_time(infer, repeats, warmup)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    fast = getattr(module, "use_fast_path", None)
+    if fast is not None:  # model FLOPs are counted on the reference path: fused kernels hide their matmuls
+        module.use_fast_path = False
+    try:
+        with counter:
+            train_step()
+    finally:
+        if fast is not None:
+            module.use_fast_path = fast
+    flops = counter.get_total_flops()
+    if isinstance(module, nn.LSTM) and flops < b * t:
+        # the fused kernel is opaque to the counter: count its matmuls (forward 2*4H(D+H) per token,
+        # backward twice that), as cuDNN/oneDNN perform them
+        h, d = module.hidden_size, module.input_size
+        flops = 3 * 2 * 4 * h * (d + h) * b * t
+    saved = _SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda p: p):
+        y = fwd()
+    del y
+    return {
+        "train_tps": b * t / train_s, "infer_tps": b * t / infer_s, "train_s": train_s, "infer_s": infer_s,
+        "flops_per_token": flops / (b * t), "gflops": flops / train_s / 1e9, "saved_mb": saved.bytes / 2**20,
+    }
+
+
+def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: int = 100, input_size: int = 128,
+               threads: int | None = None, repeats: int = 5, warmup: int = 2, with_lstm: bool = True,
+               peak: float | None = None, registry: Any | None = None) -> BenchResult:
+    """Benchmark one cell spec at one shape (and fused LSTM at the same shape)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cell = build_cell(spec, input_size, registry)
+    x = torch.randn(batch, time_steps, input_size)
+    times = torch.arange(time_steps, dtype=torch.float32).expand(batch, time_steps).contiguous() \
+        if cell.uses_time else None
+    m = _measure(cell, x, repeats, warmup, times)
+    res = BenchResult(
+        name=spec["name"], hidden=hidden, batch=batch, time=time_steps, input_size=input_size,
+        threads=torch.get_num_threads(), train_tokens_per_s=m["train_tps"], infer_tokens_per_s=m["infer_tps"],
+        train_step_ms=m["train_s"] * 1e3, infer_step_us_per_token_row=m["infer_s"] / time_steps * 1e6,
+        flops_per_token_train=m["flops_per_token"], gflops_train=m["gflops"], saved_mb=m["saved_mb"],
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        params=sum(p.numel() for p in cell.parameters()),
+    )
+    if with_lstm:
+        lstm = nn.LSTM(input_size, hidden, batch_first=True)
+        ml = _measure(lstm, x, repeats, warmup, None)
+        res.lstm_train_tokens_per_s, res.lstm_infer_tokens_per_s = ml["train_tps"], ml["infer_tps"]
+        res.lstm_gflops_train = ml["gflops"]
+        res.train_ratio_vs_lstm = res.train_tokens_per_s / ml["train_tps"]
+        res.infer_ratio_vs_lstm = res.infer_tokens_per_s / ml["infer_tps"]
+        res.flop_rate_ratio_vs_lstm = res.gflops_train / max(ml["gflops"], 1e-12)
+    res.matmul_peak_gflops = peak if peak is not None else matmul_peak_gflops()
+    return res
+
+
+def with_hidden(spec: dict[str, Any], hidden: int | None, registry: Any | None = None) -> dict[str, Any]:
+    """The spec with ``hidden_size`` set, if the cell has that option."""
+    if hidden is None:
+        return spec
+    from seqplat.registry import get_registry
+
+    cls = (registry or get_registry()).get("cell", spec["name"]).obj
+    if "hidden_size" not in cls.config_class.model_fields:
+        from seqplat.core.errors import ConfigError
+
+        raise ConfigError(f"--hidden: cell '{spec['name']}' has no hidden_size option; set its size with --set cell.*")
+    return {**spec, "hidden_size": hidden}
