@@ -202,6 +202,9 @@ def read_config_file(url: str) -> dict[str, Any]:
             data = yaml.safe_load(text) if not url.endswith(".json") else json.loads(text)
     except Exception as exc:  # noqa: BLE001 - any parser error is the user's file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            first = f"{getattr(exc, 'problem', None) or first} at line {mark.line + 1}, column {mark.column + 1}"
         raise ConfigError(f"Config file '{url}' is not valid YAML/JSON/TOML: {first}") from exc
     if data is None:
         return {}
