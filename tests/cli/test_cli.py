@@ -47,7 +47,8 @@ def test_unreadable_config_file(tmp_path):
         f"at line 2, column 1"
     ]
     result = invoke("train", "--config", str(tmp_path / "missing.yaml"))
-    assert error_lines(result) == [f"Error: Config file '{tmp_path / 'missing.yaml'}' does not exist; check the path or URL."]
+    missing = tmp_path / "missing.yaml"
+    assert error_lines(result) == [f"Error: Config file '{missing}' does not exist; check the path or URL."]
 
 
 def test_missing_data_file_names_the_file_and_the_fix(tmp_path):

@@ -44,6 +44,9 @@ class SeqplatGroup(click.Group):
             if _debug(ctx):
                 traceback.print_exc()
             raise UserError(str(exc)) from exc
+        except MemoryError as exc:
+            raise UserError("Out of memory building or running the model; reduce sizes (hidden_size, batch_size, "
+                            "num_layers) and try again.") from exc
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         _load_plugin_commands(self)
@@ -123,3 +126,4 @@ __all__ = ["main"]
 
 def run() -> None:  # pragma: no cover - console entry point alias
     sys.exit(main())
+from seqplat.cli import ecosystem as _ecosystem  # noqa: E402,F401  (plugins install, new-plugin, generate, ...)

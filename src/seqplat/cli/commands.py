@@ -48,7 +48,8 @@ def train(plugin, recipe, config_files, overrides, resume, tracking_uri, no_prog
                f"train tokens/s: {result.train_tokens_per_s:,.0f}  wall: {result.wall_time_s:.1f}s")
     click.echo(f"checkpoint: {result.checkpoint_dir}")
     if result.run_id:
-        click.echo(f"mlflow run: {result.run_id}")
+        where = f" (logged locally to {result.tracking_uri}: the server was unreachable)" if result.tracking_uri else ""
+        click.echo(f"mlflow run: {result.run_id}{where}")
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -149,7 +149,10 @@ def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: i
     x = torch.randn(batch, time_steps, input_size)
     times = torch.arange(time_steps, dtype=torch.float32).expand(batch, time_steps).contiguous() \
         if cell.uses_time else None
-    m = _measure(cell, x, repeats, warmup, times)
+    from seqplat.core.train import flush_denormal
+
+    with flush_denormal():  # as in training
+        m = _measure(cell, x, repeats, warmup, times)
     res = BenchResult(
         name=spec["name"], hidden=hidden, batch=batch, time=time_steps, input_size=input_size,
         threads=torch.get_num_threads(), train_tokens_per_s=m["train_tps"], infer_tokens_per_s=m["infer_tps"],
@@ -160,7 +163,8 @@ def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: i
     )
     if with_lstm:
         lstm = nn.LSTM(input_size, hidden, batch_first=True)
-        ml = _measure(lstm, x, repeats, warmup, None)
+        with flush_denormal():
+            ml = _measure(lstm, x, repeats, warmup, None)
         res.lstm_train_tokens_per_s, res.lstm_infer_tokens_per_s = ml["train_tps"], ml["infer_tps"]
         res.lstm_gflops_train = ml["gflops"]
         res.train_ratio_vs_lstm = res.train_tokens_per_s / ml["train_tps"]

@@ -97,6 +97,9 @@ class TrackingConfig(_Strict):
     run_name: str | None = Field(None, description="run name (None: MLflow picks one)")
     log_checkpoint: bool = Field(True, description="upload the best checkpoint as an artifact")
     register_model: str | None = Field(None, description="register the best checkpoint under this model name")
+    on_unreachable: Literal["error", "local"] = Field(
+        "error", description="tracking server unreachable at start: fail, or log to <run_dir>/mlflow.db and say so"
+    )
 
 
 class IOConfig(_Strict):
@@ -352,7 +355,8 @@ def build_run_config(
     from seqplat.registry import get_registry
 
     reg = registry or get_registry()
-    data: dict[str, Any] = {}
+    defaults = RunConfig()
+    data: dict[str, Any] = {"cell": dict(defaults.cell), "task": dict(defaults.task)}
     if recipe is not None:
         if "/" not in recipe and plugin:
             recipe = f"{plugin}/{recipe}"

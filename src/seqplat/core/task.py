@@ -45,15 +45,16 @@ class Batch:
                 moved[k] = v.to(device)
         return Batch(**moved)
 
-    def shard(self, rank: int, world: int) -> Batch:
-        """Rows ``[rank*b/world, (rank+1)*b/world)`` for one of ``world`` processes."""
+    def shard(self, rank: int, world: int, allow_uneven: bool = False) -> Batch:
+        """Rows ``[rank*b/world, (rank+1)*b/world)`` for one of ``world`` processes. Evaluation allows an
+        uneven split (statistics are sums); training needs equal shards for exact gradient averaging."""
         if world == 1:
             return self
         b = self.inputs.shape[0]
-        if b % world:
+        if b % world and not allow_uneven:
             raise ValueError(f"batch size {b} is not divisible by the number of processes {world}")
-        n = b // world
-        sl = slice(rank * n, (rank + 1) * n)
+        lo, hi = (rank * b) // world, ((rank + 1) * b) // world
+        sl = slice(lo, hi)
         return replace(
             self,
             inputs=self.inputs[sl],
@@ -160,8 +161,11 @@ class Task:
             logits = out.reshape(-1, out.shape[-1])
             target = batch.targets.reshape(-1)
             nll = F.cross_entropy(logits, target, reduction="none")
-            if batch.mask is not None:
-                m = batch.mask.reshape(-1).to(nll.dtype)
+            mask = batch.mask
+            if mask is not None and self.head_kind == "last_step" and mask.dim() == 2:
+                mask = mask[:, -1]  # a [b,t] mask: the last step is what a last-step head predicts
+            if mask is not None:
+                m = mask.reshape(-1).to(nll.dtype)
                 nll = nll * m
                 count = m.sum()
             else:
@@ -169,7 +173,7 @@ class Task:
             stats = {"loss_sum": nll.sum(), "count": count}
             if not with_grad:
                 pred = logits.argmax(-1)
-                valid = torch.ones_like(target, dtype=torch.bool) if batch.mask is None else batch.mask.reshape(-1) > 0
+                valid = torch.ones_like(target, dtype=torch.bool) if mask is None else mask.reshape(-1) > 0
                 k = self.num_outputs
                 conf = torch.bincount(target[valid] * k + pred[valid], minlength=k * k).reshape(k, k)
                 stats["confusion"] = conf.to(torch.float64)
@@ -294,7 +298,7 @@ class LanguageModelTask(Task):
         chunk = step % self.steps_per_epoch(batch_size)
         i = chunk * bptt
         seq = min(bptt, rows.shape[1] - 1 - i)
-        return Batch(rows[:, i : i + seq], rows[:, i + 1 : i + 1 + seq], reset=chunk == 0)
+        return Batch(rows[:, i : i + seq].long(), rows[:, i + 1 : i + 1 + seq].long(), reset=chunk == 0)
 
     def eval_batches(self, split: Literal["valid", "test"], batch_size: int) -> Iterator[Batch]:
         cfg = self.config
@@ -306,7 +310,7 @@ class LanguageModelTask(Task):
             n = min(n, max(1, cfg.max_eval_tokens // bs))
         for i in range(0, n, bptt):
             seq = min(bptt, n - i)
-            yield Batch(rows[:, i : i + seq], rows[:, i + 1 : i + 1 + seq], reset=i == 0)
+            yield Batch(rows[:, i : i + seq].long(), rows[:, i + 1 : i + 1 + seq].long(), reset=i == 0)
 
     def finalize(self, stats: dict[str, Tensor]) -> dict[str, float]:
         out = super().finalize(stats)

@@ -34,6 +34,21 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def server_problem(uri: str, timeout: float = 5.0) -> str | None:
+    """None if an MLflow server answers at ``uri`` within ``timeout`` seconds, else what went wrong."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
+            return None if resp.status < 500 else f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        return None if exc.code < 500 else f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"{type(reason).__name__}: {reason}"
+
+
 def git_commit() -> str | None:
     """The commit of the working folder's git checkout, if any."""
     try:
@@ -54,15 +69,30 @@ class Tracker:
         self.buffer_url = buffer_url
         self._failed = False
         self._mlflow: Any = None
+        self.local_fallback: str | None = None
 
     def start(self, experiment: str, run_name: str | None, resume_run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> str | None:
+              tags: dict[str, str] | None = None, fallback_dir: str | None = None) -> str | None:
         if not self.active:
             return None
         import mlflow
 
         self._mlflow = mlflow
         uri = self.cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri and uri.startswith(("http://", "https://")):
+            problem = server_problem(uri)
+            if problem is not None:
+                if self.cfg.on_unreachable == "error" or fallback_dir is None or "://" in fallback_dir:
+                    raise SeqplatError(
+                        f"MLflow tracking server {uri} is unreachable ({problem}). Start it, fix --tracking-uri / "
+                        f"MLFLOW_TRACKING_URI, set tracking.on_unreachable=local, or pass --set tracking.enabled=false."
+                    )
+                local = os.path.abspath(os.path.join(fallback_dir, "mlflow.db"))
+                log.warning("MLflow server %s is unreachable (%s); logging locally to sqlite:///%s",
+                            uri, problem, local)
+                os.makedirs(fallback_dir, exist_ok=True)
+                uri = f"sqlite:///{local}"
+                self.local_fallback = uri
         if uri:
             mlflow.set_tracking_uri(uri)
         try:

@@ -59,6 +59,7 @@ class TrainResult:
     peak_memory_mb: float
     history: dict[str, list[list[float]]] = field(default_factory=dict)
     stopped_early: bool = False
+    tracking_uri: str | None = None
 
 
 def make_optimizer(params: Any, cfg: Any) -> torch.optim.Optimizer:
@@ -91,6 +92,17 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextlib.contextmanager
+def flush_denormal() -> Any:
+    """Flush denormal floats to zero while training: tiny gradients flowing back through long sequences
+    turn denormal and make CPU kernels about 10x slower. The process-wide flag is restored afterwards."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 class _StopFlag:
@@ -285,7 +297,9 @@ class Trainer:
         for i, batch in enumerate(self.task.eval_batches(split, bs)):  # type: ignore[arg-type]
             if max_batches is not None and i >= max_batches:
                 break
-            batch = batch.shard(self.rank, self.world).to(device)
+            batch = batch.shard(self.rank, self.world, allow_uneven=not self.task.stream).to(device)
+            if batch.inputs.shape[0] == 0:
+                continue
             if not self.task.stream or batch.reset:
                 state = None
             out, state = model(batch.inputs, state, batch.times)
@@ -310,9 +324,19 @@ class Trainer:
     def fit(self) -> TrainResult:
         run = self.run
         start_wall = time.perf_counter()
-        if self.is_main:
-            fsspec.core.url_to_fs(self.run_dir)[0].makedirs(fsspec.core.url_to_fs(self.run_dir)[1], exist_ok=True)
-            clean_temp(self.ckpt_root)
+        from seqplat.core.lock import RunLock
+
+        lock = RunLock(self.run_dir)
+        with _StopFlag() as self.stop, flush_denormal():  # signals first: set-up can be interrupted cleanly
+            if self.is_main:
+                lock.acquire()
+                clean_temp(self.ckpt_root)
+            try:
+                return self._fit(run, start_wall)
+            finally:
+                lock.release()
+
+    def _fit(self, run: RunConfig, start_wall: float) -> TrainResult:
         tags = {"seqplat.cell": run.cell["name"], "seqplat.task": run.task["name"], "seqplat.run_dir": self.run_dir}
         reg = self.registry
         if reg is None:
@@ -326,8 +350,8 @@ class Trainer:
         if commit:
             tags["mlflow.source.git.commit"] = commit
         experiment = run.tracking.experiment or run.task["name"]
-        self.mlflow_run_id = self.tracker.start(experiment, run.tracking.run_name, self.mlflow_run_id, tags) \
-            or self.mlflow_run_id
+        self.mlflow_run_id = self.tracker.start(experiment, run.tracking.run_name, self.mlflow_run_id, tags,
+                                                fallback_dir=self.run_dir) or self.mlflow_run_id
         status = "FAILED"
         try:
             if self.tracker.run_id and self.step == 0:
@@ -336,9 +360,11 @@ class Trainer:
                 params.pop("description", None)
                 self.tracker.log_params(params)
                 self.tracker.log_text(run_to_yaml(run), "config.yaml")
-            elif self.tracker.run_id:
-                self.tracker.set_tags({"seqplat.resumed_at_step": str(self.step)})
+            elif self.tracker.run_id:  # a resumed job continues the same MLflow run
+                self.tracker.set_tags({"seqplat.resumed_at_step": str(self.step),
+                                       "seqplat.previous_attempt": "interrupted or killed"})
             result = self._loop()
+            result.tracking_uri = self.tracker.local_fallback
             status = "FINISHED"
             result.wall_time_s = time.perf_counter() - start_wall
             return result
@@ -359,106 +385,106 @@ class Trainer:
         win_loss, win_n, win_tokens, win_start = 0.0, 0, 0, time.perf_counter()
         stopped_early = False
         last_valid: dict[str, float] = {}
-        with _StopFlag() as stop:
-            while self.step < t.steps:
-                if stop.signal is not None:
-                    url = self.save()
-                    pbar.close()
-                    raise TrainingInterrupted(
-                        f"Interrupted by {stop.signal} at step {self.step}; resumable checkpoint written to {url}. "
-                        f"Continue with: seqplat train --resume {self.run_dir}"
-                    )
-                step_start = time.perf_counter()
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr_at(self.step, t, self.plateau_scale)
-                batch = self.task.train_batch(self.step, t.batch_size, t.seed).shard(self.rank, self.world).to(device)
-                fresh = not self.task.stream or batch.reset or self.carry is None
-                state = None if fresh else detach_state(self.carry)
-                out, new_state, hidden = model(batch.inputs, state, batch.times, return_hidden=True)
-                loss = self.task.loss(out, batch)
-                total = loss
-                penalties: dict[str, torch.Tensor] = {}
-                for r in regs:
-                    for name, value in r.penalty(hidden).items():
-                        penalties[name] = value
-                        total = total + value
-                finite = bool(torch.isfinite(total))
-                if finite:
-                    acc.backward(total)
-                    if t.clip_value is not None:
-                        acc.clip_grad_value_(model.parameters(), t.clip_value)
-                    if t.clip_norm is not None:
-                        gnorm = acc.clip_grad_norm_(model.parameters(), t.clip_norm)
-                        finite = bool(torch.isfinite(torch.as_tensor(gnorm)))
-                    else:
-                        finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
-                if not finite:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if t.on_nan == "stop":
-                        pbar.close()
-                        raise DivergenceError(
-                            f"Loss or gradients became NaN/Inf at step {self.step} (loss {float(loss.detach()):.4g}); "
-                            f"the last good checkpoint is under {self.ckpt_root}. Lower train.lr, set train.clip_norm, "
-                            f"or set train.on_nan=skip."
-                        )
-                    log.warning("step %d: non-finite loss or gradients, batch skipped", self.step)
-                    self.carry = None
+        stop = self.stop
+        while self.step < t.steps:
+            if stop.signal is not None:
+                url = self.save()
+                pbar.close()
+                raise TrainingInterrupted(
+                    f"Interrupted by {stop.signal} at step {self.step}; resumable checkpoint written to {url}. "
+                    f"Continue with: seqplat train --resume {self.run_dir}"
+                )
+            step_start = time.perf_counter()
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.step, t, self.plateau_scale)
+            batch = self.task.train_batch(self.step, t.batch_size, t.seed).shard(self.rank, self.world).to(device)
+            fresh = not self.task.stream or batch.reset or self.carry is None
+            state = None if fresh else detach_state(self.carry)
+            out, new_state, hidden = model(batch.inputs, state, batch.times, return_hidden=True)
+            loss = self.task.loss(out, batch)
+            total = loss
+            penalties: dict[str, torch.Tensor] = {}
+            for r in regs:
+                for name, value in r.penalty(hidden).items():
+                    penalties[name] = value
+                    total = total + value
+            finite = bool(torch.isfinite(total))
+            if finite:
+                acc.backward(total)
+                if t.clip_value is not None:
+                    acc.clip_grad_value_(model.parameters(), t.clip_value)
+                if t.clip_norm is not None:
+                    gnorm = acc.clip_grad_norm_(model.parameters(), t.clip_norm)
+                    finite = bool(torch.isfinite(torch.as_tensor(gnorm)))
                 else:
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.carry = detach_state(new_state) if self.task.stream else None
-                self.step += 1
-                n_tokens = batch.num_tokens * self.world
-                self.tokens_seen += n_tokens
-                self.train_time += time.perf_counter() - step_start
-                win_loss += float(loss.detach())
-                win_n += 1
-                win_tokens += n_tokens
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    elapsed = time.perf_counter() - win_start
-                    tps = win_tokens / max(elapsed, 1e-9)
-                    train_loss = win_loss / max(win_n, 1)
-                    if self.world > 1:  # log the global mean, comparable with a one-process run
-                        train_loss = float(acc.reduce(torch.tensor(train_loss, device=device), reduction="mean"))
-                    lr = lr_at(self.step - 1, t, self.plateau_scale)
-                    metrics = {"train_loss": train_loss, "train_tokens_per_s": tps, "lr": lr}
-                    metrics.update({f"train_{k}": float(v.detach()) for k, v in penalties.items()})
-                    self._record("train_loss", self.step, train_loss)
-                    self.tracker.log_metrics(metrics, self.step)
-                    pbar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tps:,.0f}")
-                    win_loss, win_n, win_tokens, win_start = 0.0, 0, 0, time.perf_counter()
-                pbar.update(1)
+                    finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+            if not finite:
+                self.optimizer.zero_grad(set_to_none=True)
+                if t.on_nan == "stop":
+                    pbar.close()
+                    raise DivergenceError(
+                        f"Loss or gradients became NaN/Inf at step {self.step} (loss {float(loss.detach()):.4g}); "
+                        f"the last good checkpoint is under {self.ckpt_root}. Lower train.lr, set train.clip_norm, "
+                        f"or set train.on_nan=skip."
+                    )
+                log.warning("step %d: non-finite loss or gradients, batch skipped", self.step)
+                self.carry = None
+            else:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.carry = detach_state(new_state) if self.task.stream else None
+            self.step += 1
+            n_tokens = batch.num_tokens * self.world
+            self.tokens_seen += n_tokens
+            self.train_time += time.perf_counter() - step_start
+            win_loss += float(loss.detach())
+            win_n += 1
+            win_tokens += n_tokens
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                elapsed = time.perf_counter() - win_start
+                tps = win_tokens / max(elapsed, 1e-9)
+                train_loss = win_loss / max(win_n, 1)
+                if self.world > 1:  # log the global mean, comparable with a one-process run
+                    train_loss = float(acc.reduce(torch.tensor(train_loss, device=device), reduction="mean"))
+                lr = lr_at(self.step - 1, t, self.plateau_scale)
+                metrics = {"train_loss": train_loss, "train_tokens_per_s": tps, "lr": lr}
+                metrics.update({f"train_{k}": float(v.detach()) for k, v in penalties.items()})
+                self._record("train_loss", self.step, train_loss)
+                self.tracker.log_metrics(metrics, self.step)
+                pbar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tps:,.0f}")
+                win_loss, win_n, win_tokens, win_start = 0.0, 0, 0, time.perf_counter()
+            pbar.update(1)
 
-                if self.step % t.eval_every == 0 or self.step == t.steps:
-                    last_valid = self.evaluate("valid", t.max_eval_batches)
-                    value = last_valid[self.task.primary_metric]
-                    for k, v in last_valid.items():
-                        self._record(f"valid_{k}", self.step, v)
-                    self.tracker.log_metrics({f"valid_{k}": v for k, v in last_valid.items()}, self.step)
-                    pbar.write(_fmt_metrics(f"step {self.step} valid", last_valid)) if self.progress else None
-                    if self._better(value):
-                        self.best, self.best_step, self.bad_evals, self.plateau_bad = value, self.step, 0, 0
-                        self.save("best")
-                    else:
-                        self.bad_evals += 1
-                        self.plateau_bad += 1
-                        s = t.schedule
-                        if s.kind == "plateau" and self.plateau_bad > s.patience and (
-                            s.max_decays is None or self.plateau_decays < s.max_decays
-                        ):
-                            self.plateau_scale *= s.gamma
-                            self.plateau_decays += 1
-                            self.plateau_bad = 0
-                    if t.patience is not None and self.bad_evals >= t.patience:
-                        stopped_early = True
-                    if t.target_metric is not None and (
-                        value <= t.target_metric if self.task.primary_mode == "min" else value >= t.target_metric
+            if self.step % t.eval_every == 0 or self.step == t.steps:
+                last_valid = self.evaluate("valid", t.max_eval_batches)
+                value = last_valid[self.task.primary_metric]
+                for k, v in last_valid.items():
+                    self._record(f"valid_{k}", self.step, v)
+                self.tracker.log_metrics({f"valid_{k}": v for k, v in last_valid.items()}, self.step)
+                pbar.write(_fmt_metrics(f"step {self.step} valid", last_valid)) if self.progress else None
+                if self._better(value):
+                    self.best, self.best_step, self.bad_evals, self.plateau_bad = value, self.step, 0, 0
+                    self.save("best")
+                else:
+                    self.bad_evals += 1
+                    self.plateau_bad += 1
+                    s = t.schedule
+                    if s.kind == "plateau" and self.plateau_bad > s.patience and (
+                        s.max_decays is None or self.plateau_decays < s.max_decays
                     ):
-                        stopped_early = True
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps or stopped_early:
-                    self.save()
-                if stopped_early:
-                    break
+                        self.plateau_scale *= s.gamma
+                        self.plateau_decays += 1
+                        self.plateau_bad = 0
+                if t.patience is not None and self.bad_evals >= t.patience:
+                    stopped_early = True
+                if t.target_metric is not None and (
+                    value <= t.target_metric if self.task.primary_mode == "min" else value >= t.target_metric
+                ):
+                    stopped_early = True
+            if self.step % t.checkpoint_every == 0 or self.step == t.steps or stopped_early:
+                self.save()
+            if stopped_early:
+                break
         pbar.close()
 
         # final evaluation with the best weights
@@ -586,4 +612,5 @@ def evaluate_checkpoint(ref: str, split: str = "test", batch_size: int | None = 
     except RuntimeError as exc:
         raise CheckpointError(f"Checkpoint '{ck.url}' does not fit the model its config describes: "
                               f"{str(exc).splitlines()[0][:200]}") from exc
-    return evaluate_model(model, task, split, batch_size or run.train.eval_batch_size), run
+    with flush_denormal():
+        return evaluate_model(model, task, split, batch_size or run.train.eval_batch_size), run

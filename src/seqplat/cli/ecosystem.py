@@ -1,0 +1,1 @@
+"""Ecosystem commands: plugins install/uninstall, new-plugin, generate, shell completion."""
