@@ -55,7 +55,7 @@ class LSTMCell(_FusedBase):
     """LSTM on torch's fused kernel (fast path) with a hand-written reference step."""
 
     module_cls = nn.LSTM
-    activation_roles = ("gate", "candidate", "cell", "hidden")
+    activation_roles = ("gate_preact", "gate", "candidate_preact", "candidate", "cell", "hidden_preact", "hidden")
 
     def __init__(self, input_size: int, config: RNNBaseConfig):
         super().__init__(input_size, config)
@@ -73,10 +73,11 @@ class LSTMCell(_FusedBase):
         w_ih, w_hh, b_ih, b_hh = self._weights()
         gates = F.linear(x_t, w_ih, b_ih) + F.linear(h, w_hh, b_hh)  # [b, 4h]
         i, f, g, o = gates.chunk(4, dim=-1)
-        i, f, o = (self.quantize_activation("gate", torch.sigmoid(v)) for v in (i, f, o))
-        g = self.quantize_activation("candidate", torch.tanh(g))
+        i, f, o = (self.quantize_activation("gate", torch.sigmoid(self.quantize_activation("gate_preact", v)))
+                   for v in (i, f, o))
+        g = self.quantize_activation("candidate", torch.tanh(self.quantize_activation("candidate_preact", g)))
         c = self.quantize_activation("cell", f * c + i * g)
-        h = self.quantize_activation("hidden", o * torch.tanh(c))
+        h = self.quantize_activation("hidden", o * torch.tanh(self.quantize_activation("hidden_preact", c)))
         return h, (h, c)
 
     def fast_forward(self, x, state, *, times=None):
@@ -89,7 +90,7 @@ class GRUCell(_FusedBase):
     """GRU on torch's fused kernel (fast path) with a hand-written reference step."""
 
     module_cls = nn.GRU
-    activation_roles = ("gate", "candidate", "hidden")
+    activation_roles = ("gate_preact", "gate", "candidate_preact", "candidate", "hidden")
 
     def step(self, x_t, state, *, t=None):
         h = state
@@ -98,9 +99,10 @@ class GRUCell(_FusedBase):
         gh = F.linear(h, w_hh, b_hh)
         ir, iz, in_ = gi.chunk(3, dim=-1)
         hr, hz, hn = gh.chunk(3, dim=-1)
-        r = self.quantize_activation("gate", torch.sigmoid(ir + hr))
-        z = self.quantize_activation("gate", torch.sigmoid(iz + hz))
-        n = self.quantize_activation("candidate", torch.tanh(in_ + r * hn))
+        r = self.quantize_activation("gate", torch.sigmoid(self.quantize_activation("gate_preact", ir + hr)))
+        z = self.quantize_activation("gate", torch.sigmoid(self.quantize_activation("gate_preact", iz + hz)))
+        n_pre = self.quantize_activation("candidate_preact", in_ + r * hn)
+        n = self.quantize_activation("candidate", torch.tanh(n_pre))
         h = self.quantize_activation("hidden", (1 - z) * n + z * h)
         return h, h
 
@@ -113,11 +115,12 @@ class TanhRNNCell(_FusedBase):
     """Elman RNN ``h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)`` on torch's fused kernel."""
 
     module_cls = nn.RNN
-    activation_roles = ("hidden",)
+    activation_roles = ("hidden_preact", "hidden")
 
     def step(self, x_t, state, *, t=None):
         w_ih, w_hh, b_ih, b_hh = self._weights()
-        h = self.quantize_activation("hidden", torch.tanh(F.linear(x_t, w_ih, b_ih) + F.linear(state, w_hh, b_hh)))
+        z = self.quantize_activation("hidden_preact", F.linear(x_t, w_ih, b_ih) + F.linear(state, w_hh, b_hh))
+        h = self.quantize_activation("hidden", torch.tanh(z))
         return h, h
 
     def fast_forward(self, x, state, *, times=None):
