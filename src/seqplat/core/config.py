@@ -44,6 +44,7 @@ class ScheduleConfig(_Strict):
 
     kind: Literal["constant", "step", "cosine", "plateau"] = Field("constant", description="schedule type")
     step_size: int = Field(1000, ge=1, description="step: multiply lr by gamma every step_size steps")
+    start_step: int = Field(0, ge=0, description="step: decay only after this many steps (Zilly's delay)")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="step/plateau: lr multiplier")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (constant/step/cosine)")
     min_lr: float = Field(0.0, ge=0.0, description="cosine: final lr; plateau: lower bound")
@@ -65,6 +66,7 @@ class TrainConfig(_Strict):
     eps: float = Field(1e-8, gt=0.0, description="optimizer epsilon")
     clip_norm: float | None = Field(None, gt=0.0, description="clip the global gradient norm to this value")
     clip_value: float | None = Field(None, gt=0.0, description="clip each gradient element into [-v, v]")
+    clip_norm_type: float = Field(2.0, gt=0.0, description="norm for clip_norm (2: L2; 1: L1 as in Suarez RHN)")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="learning-rate schedule")
     eval_every: int = Field(500, ge=1, description="evaluate on valid every N steps (and at the end)")
     max_eval_batches: int | None = Field(
@@ -313,7 +315,10 @@ def check_compatibility(run: RunConfig, registry: Any) -> None:
     """Fail at config time on combinations that cannot work."""
     cell_cls = registry.get("cell", run.cell["name"]).obj
     task_cls = registry.get("task", run.task["name"]).obj
-    if getattr(cell_cls, "uses_time", False) and not getattr(task_cls, "provides_times", False):
+    needs = getattr(cell_cls, "needs_times", None)  # a cell may need times only under some options
+    uses_time = needs(component_config("cell", run.cell, registry)) if callable(needs) else \
+        getattr(cell_cls, "uses_time", False)
+    if uses_time and not getattr(task_cls, "provides_times", False):
         raise ConfigError(
             f"cell.name: cell '{run.cell['name']}' reads per-step timestamps but task '{run.task['name']}' "
             f"provides none; choose a task with timestamps or set the cell's option to use step indices if it has one"

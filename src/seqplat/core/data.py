@@ -262,7 +262,11 @@ def resolve(
     if not mirrors:
         raise DataError(f"No {dataset}/{names[0]} in the cache {cache} and no download source is known; {hint}.")
 
-    archive = posixpath.join(folder, posixpath.basename(mirrors[0].rstrip("/")))
+    # a download that is the file itself is cached under the first candidate name (URLs such as
+    # ".../file_downloaded" do not name the file); an archive keeps its own name
+    remote_name = posixpath.basename(mirrors[0].rstrip("/"))
+    plain = member is None and remote_name not in names and not any(c in names[0] for c in "*?[")
+    archive = posixpath.join(folder, names[0] if plain else remote_name)
     if not fs.isfile(archive):
         _download(mirrors, fs, archive, checksum, dataset, names[0], hint)
     if member is None:

@@ -28,8 +28,9 @@ class Batch:
     """One batch. ``inputs`` is ``[b,t]`` token ids or ``[b,t,d]`` features; ``times`` is ``[b,t]``.
 
     ``targets`` is ``[b,t]`` for per-step heads and ``[b]`` (or ``[b,k]`` for regression) for
-    last-step heads. ``mask`` (``[b,t]``, 1 = counts) restricts per-step losses. ``reset`` marks the
-    first chunk of a stream epoch: the trainer starts it from the initial state.
+    last-step heads. ``mask`` (``[b,t]``, 1 = counts) restricts per-step losses (a last-step head reads
+    its last column). ``reset`` marks the first chunk of a stream epoch: the trainer starts it from the
+    initial state. A NaN in ``times`` marks a padded step: time-aware cells hold their state there.
     """
 
     inputs: Tensor

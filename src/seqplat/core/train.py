@@ -80,7 +80,7 @@ def lr_at(step: int, cfg: Any, plateau_scale: float) -> float:
     if s.kind == "constant":
         return base * warm
     if s.kind == "step":
-        return base * warm * s.gamma ** (step // s.step_size)
+        return base * warm * s.gamma ** (max(0, step - s.start_step) // s.step_size)
     if s.kind == "cosine":
         progress = min(1.0, step / max(1, cfg.steps - 1))
         return warm * (s.min_lr + 0.5 * (base - s.min_lr) * (1 + math.cos(math.pi * progress)))
@@ -311,12 +311,7 @@ class Trainer:
         if self.world > 1:
             totals = {k: self.accelerator.reduce(v.to(device), reduction="sum") for k, v in totals.items()}
         metrics = self.task.finalize({k: v.cpu() for k, v in totals.items()})
-        extra = getattr(self.unwrapped, "extra_metrics", None)
-        for cell in getattr(self.unwrapped, "cells", []):
-            fn = getattr(cell, "extra_metrics", None)
-            if callable(fn):
-                metrics.update(fn())
-        del extra
+        metrics.update(cell_extra_metrics(self.unwrapped))
         model.train()
         return metrics
 
@@ -414,7 +409,7 @@ class Trainer:
                 if t.clip_value is not None:
                     acc.clip_grad_value_(model.parameters(), t.clip_value)
                 if t.clip_norm is not None:
-                    gnorm = acc.clip_grad_norm_(model.parameters(), t.clip_norm)
+                    gnorm = acc.clip_grad_norm_(model.parameters(), t.clip_norm, norm_type=t.clip_norm_type)
                     finite = bool(torch.isfinite(torch.as_tensor(gnorm)))
                 else:
                     finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
@@ -566,11 +561,21 @@ def evaluate_model(model: torch.nn.Module, task: Task, split: str, batch_size: i
         for k, v in task.batch_stats(out, batch).items():
             totals[k] = totals[k] + v if k in totals else v.clone()
     metrics = task.finalize(totals)
-    for cell in getattr(model, "cells", []):
+    metrics.update(cell_extra_metrics(model))
+    return metrics
+
+
+def cell_extra_metrics(model: torch.nn.Module) -> dict[str, float]:
+    """Figures cells report about the last evaluation through ``extra_metrics()`` (e.g. Phased LSTM's
+    fraction of state updates), prefixed ``layer<i>.`` when several cells are stacked."""
+    cells = list(getattr(model, "cells", []))
+    out: dict[str, float] = {}
+    for i, cell in enumerate(cells):
         fn = getattr(cell, "extra_metrics", None)
         if callable(fn):
-            metrics.update(fn())
-    return metrics
+            for k, v in fn().items():
+                out[f"layer{i}.{k}" if len(cells) > 1 else k] = float(v)
+    return out
 
 
 def resolve_run_reference(ref: str) -> str:
