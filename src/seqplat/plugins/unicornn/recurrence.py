@@ -1,0 +1,250 @@
+"""The UnICORNN recurrence: a naive autograd loop and a memory-saving custom autograd function.
+
+One layer maps pre-activations ``x[b,t,h]`` (already ``V u_t + b``) to ``y_1..y_T`` with the
+symplectic Euler step of the spec (shared/papers/unicornn.md, section 2), ``delta = dt*sigmoid(c)``::
+
+    a_t = w * y_{t-1} + x_t
+    z_t = z_{t-1} - delta * (tanh(a_t) + alpha * y_{t-1})      # z first, with the old y
+    y_t = y_{t-1} + delta * z_t                                # then y, with the new z
+
+and its exact inverse (time reversal)::
+
+    y_{t-1} = y_t - delta * z_t
+    z_{t-1} = z_t + delta * (tanh(w * y_{t-1} + x_t) + alpha * y_{t-1})
+
+* :func:`reference_scan` is the plain loop through autograd: it stores every step's state and is
+  the oracle the fast paths are tested against.
+* :class:`ReverseRecomputeScan` (spec section 4) keeps only the inputs and the final state
+  ``(y_T, z_T)`` in its forward pass. Its backward pass walks the steps in reverse, rebuilds each
+  earlier state with the inverse step, and accumulates the adjoints of ``x``, ``w``, ``delta`` and
+  the initial state. Two backends run the same algorithm: ``cpp`` (``unicornn_cpu.cpp``, compiled
+  at first use with ``torch.utils.cpp_extension``) and ``python`` (a PyTorch loop, any device).
+
+``delta`` is an input of the function (the caller computes ``dt*sigmoid(c)``), so autograd chains
+``grad_delta`` into ``grad_c``; ``dt`` and ``alpha`` are constants and get no gradient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from seqplat import SeqplatError
+
+log = logging.getLogger(__name__)
+
+CPP_SOURCE = Path(__file__).with_name("unicornn_cpu.cpp")
+#: compile flags only (never link flags: -ffast-math at link time would set flush-to-zero process-wide)
+CPP_FLAGS = ("-O3", "-ffast-math", "-fopenmp-simd")
+Backend = Literal["auto", "cpp", "python"]
+
+
+# -- one step and its inverse (spec section 2) ---------------------------------------------------
+
+def unicornn_step(x_t: Tensor, y: Tensor, z: Tensor, w: Tensor, delta: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """One symplectic Euler step ``(y_{t-1}, z_{t-1}) -> (y_t, z_t)``: z first with the old y, then y."""
+    a = torch.addcmul(x_t, w, y)  # a_t = w*y_{t-1} + x_t
+    z = z - delta * (torch.tanh(a) + alpha * y)
+    y = y + delta * z
+    return y, z
+
+
+def unicornn_inverse_step(x_t: Tensor, y: Tensor, z: Tensor, w: Tensor, delta: Tensor,
+                          alpha: float) -> tuple[Tensor, Tensor]:
+    """The exact inverse of :func:`unicornn_step`: ``(y_t, z_t) -> (y_{t-1}, z_{t-1})`` using only ``x_t``."""
+    y_prev = y - delta * z
+    z_prev = z + delta * (torch.tanh(torch.addcmul(x_t, w, y_prev)) + alpha * y_prev)
+    return y_prev, z_prev
+
+
+def reference_scan(x: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor,
+                   alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The naive loop through autograd: ``x[b,t,h] -> (y[b,t,h], y_T[b,h], z_T[b,h])``.
+
+    Iterates over ``x.unbind(1)`` so the backward pass stays linear in ``t`` (PERF_NOTES.md).
+    """
+    y, z = y0, z0
+    ys = []
+    for x_t in x.unbind(1):
+        y, z = unicornn_step(x_t, y, z, w, delta, alpha)
+        ys.append(y)
+    out = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)
+    return out, y, z
+
+
+# -- the reverse-recompute algorithm in PyTorch (spec section 4) ---------------------------------
+
+def python_forward(x: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor,
+                   alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward pass without a graph: the outputs and the final state only."""
+    y, z = y0, z0
+    out = torch.empty_like(x)
+    for t, x_t in enumerate(x.unbind(1)):
+        y, z = unicornn_step(x_t, y, z, w, delta, alpha)  # the same ops as the reference: same rounding
+        out[:, t] = y
+    return out, y.clone(), z.clone()
+
+
+def python_backward(x: Tensor, w: Tensor, delta: Tensor, yT: Tensor, zT: Tensor, g_out: Tensor, g_yT: Tensor,
+                    g_zT: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Reverse pass: rebuild ``(y_{t-1}, z_{t-1})`` from ``(y_t, z_t)`` and accumulate the adjoints.
+
+    Returns ``(grad_x, grad_w, grad_delta, grad_y0, grad_z0)``. ``ybar``/``zbar`` are the adjoints of
+    the state after step ``t`` (everything downstream of it included).
+    """
+    T = x.shape[1]
+    y, z = yT, zT
+    ybar = g_yT + g_out[:, T - 1] if T > 0 else g_yT.clone()
+    zbar = g_zT
+    gw = torch.zeros_like(y)
+    gd = torch.zeros_like(y)
+    xs = x.unbind(1)
+    gs = g_out.unbind(1)
+    grad_x = torch.empty_like(x)
+    for t in range(T - 1, -1, -1):
+        gd = gd + ybar * z                                  # y_t = y_{t-1} + delta*z_t
+        zb = torch.addcmul(zbar, delta, ybar)
+        y_prev = torch.addcmul(y, delta, z, value=-1.0)     # inverse step
+        th = torch.tanh(torch.addcmul(xs[t], w, y_prev))
+        z_prev = torch.addcmul(z, delta, th + alpha * y_prev)
+        ga = -zb * delta * (1.0 - th * th)                  # adjoint of a_t
+        grad_x[:, t] = ga
+        gw = torch.addcmul(gw, ga, y_prev)
+        gd = gd - zb * (th + alpha * y_prev)
+        ybar = ybar + ga * w - (alpha * delta) * zb
+        if t > 0:
+            ybar = ybar + gs[t - 1]
+        zbar = zb
+        y, z = y_prev, z_prev
+    return grad_x, gw.sum(0), gd.sum(0), ybar, zbar
+
+
+# -- the C++ backend ----------------------------------------------------------------------------
+
+_EXT: dict[str, Any] = {"loaded": False, "error": None}
+
+
+def extension_cache_dir() -> Path:
+    """Where the C++ extension is built: ``$SEQPLAT_CACHE/ext`` or ``~/.cache/seqplat/ext``."""
+    root = os.environ.get("SEQPLAT_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "seqplat"
+    return base / "ext"
+
+
+def _extension_name() -> str:
+    key = CPP_SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CPP_FLAGS).encode()
+    digest = hashlib.sha256(key).hexdigest()[:12]
+    return f"seqplat_unicornn_cpu_{digest}"
+
+
+def load_cpp_extension(strict: bool = False, cache_dir: Path | None = None) -> bool:
+    """Compile (first use only, about 15 s) and load the C++ kernel; True when it is usable.
+
+    The build goes to ``cache_dir`` (default :func:`extension_cache_dir`) in a folder named after
+    the source's hash and the torch version, so an edit or a torch upgrade rebuilds it. Failures
+    (no compiler, no ninja, a compile error) are remembered and logged once; with ``strict`` they
+    raise :class:`~seqplat.SeqplatError` instead.
+    """
+    if _EXT["loaded"]:
+        return True
+    if _EXT["error"] is None:
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            _EXT["error"] = f"no C++ compiler '{compiler}' on PATH (set CXX to use another)"
+        else:
+            name = _extension_name()
+            build = (cache_dir or extension_cache_dir()) / name
+            try:
+                build.mkdir(parents=True, exist_ok=True)
+                from torch.utils import cpp_extension
+
+                log.info("unicornn: building the C++ recurrence kernel in %s (first use only)", build)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    cpp_extension.load(name=name, sources=[str(CPP_SOURCE)], build_directory=str(build),
+                                       extra_cflags=list(CPP_FLAGS), is_python_module=False, verbose=False)
+                _EXT["loaded"] = True
+                return True
+            except Exception as exc:  # compile or load failure: fall back to the Python backend
+                _EXT["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        log.warning("unicornn: C++ kernel unavailable (%s); using the PyTorch backend", _EXT["error"])
+    if strict:
+        raise SeqplatError(
+            f"unicornn: cell.backend='cpp' but the C++ kernel cannot be built ({_EXT['error']}); "
+            "install a C++ compiler and ninja, or set cell.backend=auto or python"
+        )
+    return False
+
+
+def cpp_error() -> str | None:
+    """Why the C++ kernel is unavailable (None if it loaded or was never tried)."""
+    return _EXT["error"]
+
+
+def resolve_backend(backend: Backend, x: Tensor) -> Literal["cpp", "python"]:
+    """The backend that will run for ``x``: ``cpp`` needs float32/float64 CPU tensors and a compiler."""
+    cpp_ok_for_x = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if backend == "python":
+        return "python"
+    if backend == "cpp":
+        if not cpp_ok_for_x:
+            raise ValueError(
+                f"unicornn: backend 'cpp' runs float32/float64 CPU tensors, got {x.dtype} on {x.device}; "
+                "use backend 'auto' or 'python'"
+            )
+        load_cpp_extension(strict=True)
+        return "cpp"
+    return "cpp" if cpp_ok_for_x and load_cpp_extension() else "python"
+
+
+class ReverseRecomputeScan(torch.autograd.Function):
+    """Custom autograd for one UnICORNN layer; saves ``x, w, delta, y_T, z_T`` and no per-step state."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor, alpha: float,
+                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+        if backend == "cpp":
+            out, yT, zT = torch.ops.seqplat_unicornn.forward(x, w, delta, y0, z0, float(alpha))
+        else:
+            out, yT, zT = python_forward(x, w, delta, y0, z0, alpha)
+        ctx.save_for_backward(x, w, delta, yT, zT)
+        ctx.alpha = float(alpha)
+        ctx.backend = backend
+        return out, yT, zT
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Tensor, g_yT: Tensor, g_zT: Tensor) -> tuple[Tensor | None, ...]:
+        x, w, delta, yT, zT = ctx.saved_tensors
+        if ctx.backend == "cpp":
+            gx, gw, gd, gy0, gz0 = torch.ops.seqplat_unicornn.backward(
+                x, w, delta, yT, zT, g_out, g_yT, g_zT, ctx.alpha
+            )
+        else:
+            gx, gw, gd, gy0, gz0 = python_backward(x, w, delta, yT, zT, g_out, g_yT, g_zT, ctx.alpha)
+        needs = ctx.needs_input_grad
+        return (gx if needs[0] else None, gw if needs[1] else None, gd if needs[2] else None,
+                gy0 if needs[3] else None, gz0 if needs[4] else None, None, None)
+
+
+def fused_scan(x: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor, alpha: float,
+               backend: Backend = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """One UnICORNN layer with the reverse-recompute backward: ``(y[b,t,h], y_T, z_T)``.
+
+    float16/bfloat16 inputs run the recurrence in float32 (the reconstruction is unusable in half
+    precision, spec section 4) and the outputs are cast back.
+    """
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    if low:
+        dtype = x.dtype
+        out, yT, zT = fused_scan(x.float(), w.float(), delta.float(), y0.float(), z0.float(), alpha, backend)
+        return out.to(dtype), yT.to(dtype), zT.to(dtype)
+    chosen = resolve_backend(backend, x)
+    return ReverseRecomputeScan.apply(x, w, delta, y0, z0, float(alpha), chosen)

@@ -1,0 +1,203 @@
+// UnICORNN recurrence on CPU: the forward pass and the reverse-recompute backward pass.
+//
+// Rusch & Mishra, "UnICORNN: A recurrent model for learning very long time dependencies",
+// ICML 2021 (arXiv:2103.05487). Spec: shared/papers/unicornn.md, sections 2 and 4.
+//
+// Per column (b, h), with delta = dt * sigmoid(c) computed by the caller:
+//
+//     a_t = w * y_{t-1} + x_t
+//     z_t = z_{t-1} - delta * (tanh(a_t) + alpha * y_{t-1})     (z first, with the old y)
+//     y_t = y_{t-1} + delta * z_t                               (then y, with the new z)
+//
+// The forward pass writes y_1..y_T and the final (y_T, z_T) and keeps nothing else. The backward
+// pass starts from (y_T, z_T), inverts the step to rebuild (y_{t-1}, z_{t-1}) from (y_t, z_t) and
+// x_t, and accumulates the adjoints on the way back, so the recurrence needs O(B*H) memory
+// instead of O(T*B*H).
+//
+// Layout: x, out, grad_out are [B, T, H] contiguous (batch first), so the inner loop over h is
+// contiguous. Batch rows run in parallel (at::parallel_for); per-row partial sums of grad_w and
+// grad_delta are returned as [B, H] and reduced by the caller, which keeps the result
+// deterministic (no atomics).
+//
+// Speed: the loops over h carry `#pragma omp simd` and the file is compiled with
+// `-O3 -ffast-math -fopenmp-simd` (compile flags only, not link flags, so loading it does not switch
+// the process to flush-denormals mode). With glibc >= 2.35 this turns std::tanh into libmvec's
+// vector tanh; without it the tanh calls stay scalar and the kernel is several times slower.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& delta, const at::Tensor& y0,
+                  const at::Tensor& z0) {
+  TORCH_CHECK(x.dim() == 3, "unicornn: x must be [batch, time, hidden], got ", x.sizes());
+  const int64_t B = x.size(0), H = x.size(2);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == H, "unicornn: w must be [", H, "], got ", w.sizes());
+  TORCH_CHECK(delta.dim() == 1 && delta.size(0) == H, "unicornn: delta must be [", H, "], got ", delta.sizes());
+  TORCH_CHECK(y0.dim() == 2 && y0.size(0) == B && y0.size(1) == H, "unicornn: y0 must be [", B, ", ", H, "]");
+  TORCH_CHECK(z0.dim() == 2 && z0.size(0) == B && z0.size(1) == H, "unicornn: z0 must be [", B, ", ", H, "]");
+  TORCH_CHECK(x.device().is_cpu(), "unicornn: the C++ kernel runs on CPU tensors only");
+  for (const auto* t : {&w, &delta, &y0, &z0}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "unicornn: all inputs must share x's dtype");
+  }
+}
+
+template <typename scalar_t>
+void forward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* delta, const scalar_t* y0,
+                  const scalar_t* z0, scalar_t* out, scalar_t* yT, scalar_t* zT, int64_t B, int64_t T, int64_t H,
+                  scalar_t alpha) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> y(H), z(H);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        y[h] = y0[b * H + h];
+        z[h] = z0[b * H + h];
+      }
+      const scalar_t* xb = x + b * T * H;
+      scalar_t* ob = out + b * T * H;
+      for (int64_t t = 0; t < T; ++t) {
+        const scalar_t* xt = xb + t * H;
+        scalar_t* ot = ob + t * H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) {
+          const scalar_t y_old = y[h];
+          const scalar_t a = w[h] * y_old + xt[h];
+          const scalar_t z_new = z[h] - delta[h] * (std::tanh(a) + alpha * y_old);  // eq. (z update)
+          const scalar_t y_new = y_old + delta[h] * z_new;                           // eq. (y update)
+          z[h] = z_new;
+          y[h] = y_new;
+          ot[h] = y_new;
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        yT[b * H + h] = y[h];
+        zT[b * H + h] = z[h];
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* delta, const scalar_t* yT,
+                   const scalar_t* zT, const scalar_t* g_out, const scalar_t* g_yT, const scalar_t* g_zT,
+                   scalar_t* g_x, scalar_t* g_w_part, scalar_t* g_delta_part, scalar_t* g_y0, scalar_t* g_z0,
+                   int64_t B, int64_t T, int64_t H, scalar_t alpha) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> y(H), z(H), ybar(H), zbar(H), gw(H), gd(H), zeros(H, scalar_t(0));
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* xb = x + b * T * H;
+      const scalar_t* gb = g_out + b * T * H;
+      scalar_t* gxb = g_x + b * T * H;
+      for (int64_t h = 0; h < H; ++h) {
+        y[h] = yT[b * H + h];
+        z[h] = zT[b * H + h];
+        ybar[h] = g_yT[b * H + h] + (T > 0 ? gb[(T - 1) * H + h] : scalar_t(0));
+        zbar[h] = g_zT[b * H + h];
+        gw[h] = 0;
+        gd[h] = 0;
+      }
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const scalar_t* xt = xb + t * H;
+        scalar_t* gxt = gxb + t * H;
+        const scalar_t* g_prev = t > 0 ? gb + (t - 1) * H : zeros.data();  // no branch in the loop
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) {
+          const scalar_t d = delta[h];
+          const scalar_t z_t = z[h];
+          // y_t = y_{t-1} + d * z_t
+          gd[h] += ybar[h] * z_t;
+          const scalar_t zb = zbar[h] + d * ybar[h];
+          // rebuild the state before this step (the inverse of the symplectic Euler step)
+          const scalar_t y_prev = y[h] - d * z_t;
+          const scalar_t th = std::tanh(w[h] * y_prev + xt[h]);
+          const scalar_t z_prev = z_t + d * (th + alpha * y_prev);
+          // z_t = z_{t-1} - d * (tanh(w y_{t-1} + x_t) + alpha y_{t-1})
+          const scalar_t s = scalar_t(1) - th * th;
+          const scalar_t ga = -zb * d * s;  // adjoint of the pre-activation a_t
+          gxt[h] = ga;
+          gw[h] += ga * y_prev;
+          gd[h] -= zb * (th + alpha * y_prev);
+          ybar[h] = ybar[h] + ga * w[h] - zb * d * alpha + g_prev[h];
+          zbar[h] = zb;
+          y[h] = y_prev;
+          z[h] = z_prev;
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        g_y0[b * H + h] = ybar[h];
+        g_z0[b * H + h] = zbar[h];
+        g_w_part[b * H + h] = gw[h];
+        g_delta_part[b * H + h] = gd[h];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unicornn_forward(const at::Tensor& x_in, const at::Tensor& w_in,
+                                                                 const at::Tensor& delta_in, const at::Tensor& y0_in,
+                                                                 const at::Tensor& z0_in, double alpha) {
+  check_inputs(x_in, w_in, delta_in, y0_in, z0_in);
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), delta = delta_in.contiguous();
+  const at::Tensor y0 = y0_in.contiguous(), z0 = z0_in.contiguous();
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2);
+  at::Tensor out = at::empty_like(x);
+  at::Tensor yT = at::empty_like(y0);
+  at::Tensor zT = at::empty_like(z0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unicornn_forward", [&] {
+    forward_impl<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                           delta.const_data_ptr<scalar_t>(), y0.const_data_ptr<scalar_t>(),
+                           z0.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                           yT.mutable_data_ptr<scalar_t>(), zT.mutable_data_ptr<scalar_t>(), B, T, H,
+                           static_cast<scalar_t>(alpha));
+  });
+  return {out, yT, zT};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unicornn_backward(
+    const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& delta_in, const at::Tensor& yT_in,
+    const at::Tensor& zT_in, const at::Tensor& g_out_in, const at::Tensor& g_yT_in, const at::Tensor& g_zT_in,
+    double alpha) {
+  check_inputs(x_in, w_in, delta_in, yT_in, zT_in);
+  TORCH_CHECK(g_out_in.sizes() == x_in.sizes(), "unicornn: grad_out must have x's shape");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), delta = delta_in.contiguous();
+  const at::Tensor yT = yT_in.contiguous(), zT = zT_in.contiguous();
+  const at::Tensor g_out = g_out_in.to(x.scalar_type()).contiguous();
+  const at::Tensor g_yT = g_yT_in.to(x.scalar_type()).contiguous();
+  const at::Tensor g_zT = g_zT_in.to(x.scalar_type()).contiguous();
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2);
+  at::Tensor g_x = at::empty_like(x);
+  at::Tensor g_w_part = at::empty({B, H}, x.options());
+  at::Tensor g_delta_part = at::empty({B, H}, x.options());
+  at::Tensor g_y0 = at::empty_like(yT);
+  at::Tensor g_z0 = at::empty_like(zT);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unicornn_backward", [&] {
+    backward_impl<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                            delta.const_data_ptr<scalar_t>(), yT.const_data_ptr<scalar_t>(),
+                            zT.const_data_ptr<scalar_t>(), g_out.const_data_ptr<scalar_t>(),
+                            g_yT.const_data_ptr<scalar_t>(), g_zT.const_data_ptr<scalar_t>(),
+                            g_x.mutable_data_ptr<scalar_t>(), g_w_part.mutable_data_ptr<scalar_t>(),
+                            g_delta_part.mutable_data_ptr<scalar_t>(), g_y0.mutable_data_ptr<scalar_t>(),
+                            g_z0.mutable_data_ptr<scalar_t>(), B, T, H, static_cast<scalar_t>(alpha));
+  });
+  return {g_x, g_w_part.sum(0), g_delta_part.sum(0), g_y0, g_z0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(seqplat_unicornn, m) {
+  m.def("forward(Tensor x, Tensor w, Tensor delta, Tensor y0, Tensor z0, float alpha) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "backward(Tensor x, Tensor w, Tensor delta, Tensor yT, Tensor zT, Tensor grad_out, Tensor grad_yT, "
+      "Tensor grad_zT, float alpha) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(seqplat_unicornn, CPU, m) {
+  m.impl("forward", &unicornn_forward);
+  m.impl("backward", &unicornn_backward);
+}
