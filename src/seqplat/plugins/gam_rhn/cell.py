@@ -1,0 +1,261 @@
+"""GAM-RHN: Recurrent Highway Networks with Grouped Auxiliary Memory.
+
+Wei Luo and Feng Yu, "Recurrent Highway Networks With Grouped Auxiliary Memory", IEEE Access 7, 2019,
+https://ieeexplore.ieee.org/document/8932404 (authors' code: github.com/WilliamRo/gam_rhn). The cell
+follows the authors' code (tframe ``GamRHN`` with the ``'gru'`` hyper-kernel); the step numbers below
+are those of the spec (``papers/gam_rhn.md`` section 1) and the comments in the code cite them.
+
+Memory ``"SxN"``: N groups of S scalar slots, ``m`` is ``[b, S*N]`` and group i holds the contiguous
+slots ``[i*S, (i+1)*S)``. ``SoG`` is a softmax inside every group; ``Dup`` repeats each of the N group
+values S times; ``Sum`` adds the S slots of each group. One time step, with state ``(m_{t-1}, s_{t-1})``::
+
+    (1) h_w   = W_hw [x_t ; s_{t-1}]                                  write head        [b, H]
+    (2) a_w   = SoG(W_aw h_w)                                         write address     [b, S*N]
+    (3) r     = sigmoid(W_r [x_t ; s_{t-1}] + b_r)                    reset gate        [b, D]
+        m_bar = tanh(W_m [x_t ; r * s_{t-1}] + b_m)                   written value     [b, N]
+    (4) m_t   = (1 - a_w) * m_{t-1} + a_w * Dup(m_bar)                write
+    (5) for l = 1..L, s^0 = s_{t-1}:
+          h^l        = h_w if l == 1 else W_h^l s^{l-1}               read head         [b, H]
+          a^l        = SoG(W_a^l h^l + b_a^l)                         read address      [b, S*N]
+          xr^l       = Sum(a^l * m_t)                                 read (after write)[b, N]
+          [r^l; z^l] = sigmoid(W_g^l [xr^l ; s^{l-1}] + b_g^l)
+          s_hat^l    = tanh(W_s^l [xr^l ; r^l * s^{l-1}] + b_s^l)
+          s^l        = z^l * s^{l-1} + (1 - z^l) * s_hat^l            z is the carry gate
+    (6) y_t = s^L;  state (m_t, s^L)
+
+``x_t`` reaches the highway layers only through the write. Every matrix is Glorot-normal over its
+concatenated inputs, every bias zero. Dropouts: ``gam_dropout`` on ``m_bar`` and ``rhn_dropout`` on
+every ``s_hat^l`` (fresh masks every step); the model's ``input_dropout``/``output_dropout`` cover the
+authors' input and output dropout.
+
+Two paths: :meth:`GAMRHNCell.step` is the plain reference (one step, unrolled by the core), and
+:meth:`GAMRHNCell.fast_forward` hoists the ``x_t`` parts of ``W_hw``, ``W_r`` and ``W_m`` for all steps
+into one matmul, merges the matrices that read the same vector, and iterates with ``unbind``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqplat import StepCell
+from seqplat.core.cell import State
+
+from .config import GAMRHNConfig
+
+
+def grouped_softmax(logits: Tensor, slots: int) -> Tensor:
+    """``SoG``: softmax over each group of ``slots`` contiguous entries of the last axis.
+
+    ``torch.softmax`` subtracts the group maximum first, so logits of any size are safe.
+    """
+    shape = logits.shape
+    return torch.softmax(logits.reshape(*shape[:-1], shape[-1] // slots, slots), dim=-1).reshape(shape)
+
+
+def duplicate(values: Tensor, slots: int) -> Tensor:
+    """``Dup``: ``[..., N] -> [..., N*S]``, each group value repeated over its S slots."""
+    return values.unsqueeze(-1).expand(*values.shape, slots).reshape(*values.shape[:-1], -1)
+
+
+def summarize(slots_values: Tensor, slots: int) -> Tensor:
+    """``Sum``: ``[..., N*S] -> [..., N]``, the sum over the S slots of each group."""
+    shape = slots_values.shape
+    return slots_values.reshape(*shape[:-1], shape[-1] // slots, slots).sum(-1)
+
+
+def _dropout(value: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout with a fresh mask, drawn only when it acts (both paths draw the same masks)."""
+    return F.dropout(value, p, True) if training and p > 0 else value
+
+
+def _glorot(rows: int, cols: int) -> nn.Parameter:
+    w = torch.empty(rows, cols)
+    nn.init.xavier_normal_(w)
+    return nn.Parameter(w)
+
+
+def _zeros(n: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(n))
+
+
+@dataclass
+class StepTrace:
+    """Intermediate values of one reference step (for tests and inspection)."""
+
+    write_head: Tensor
+    write_address: Tensor
+    reset: Tensor
+    value: Tensor
+    memory: Tensor
+    read_heads: list[Tensor] = field(default_factory=list)
+    read_addresses: list[Tensor] = field(default_factory=list)
+    reads: list[Tensor] = field(default_factory=list)
+    states: list[Tensor] = field(default_factory=list)
+
+
+class HighwayLayer(nn.Module):
+    """One highway layer ``l`` of step (5): its read (head for ``l >= 2``, own address) and a GRU-type
+    update of ``s`` from the read ``xr^l``."""
+
+    def __init__(self, config: GAMRHNConfig, first: bool):
+        super().__init__()
+        d, h, n, sn = config.hidden_size, config.head_size, config.groups, config.memory_size
+        # layer 1 reuses the write head h_w, so it has no read head of its own
+        self.read_head = None if first else _glorot(h, d)  # W_h^l
+        self.read_address = _glorot(sn, h)  # W_a^l
+        self.read_address_bias = _zeros(sn) if config.read_address_bias else None  # b_a^l
+        self.gate_weight = _glorot(2 * d, n + d)  # W_g^l over [xr ; s], rows: r then z
+        self.gate_bias = _zeros(2 * d)
+        self.candidate_weight = _glorot(d, n + d)  # W_s^l over [xr ; r * s]
+        self.candidate_bias = _zeros(d)
+
+
+class GAMRHNCell(StepCell):
+    """GAM-RHN-L cell: a grouped auxiliary memory written once per step, read by each of L GRU-type
+    highway layers; state ``(m [b, S*N], s [b, D])``."""
+
+    config_class = GAMRHNConfig
+    has_fast_path = True
+    activation_roles: ClassVar[tuple[str, ...]] = ("gate", "candidate", "memory", "hidden")
+
+    def __init__(self, input_size: int, config: GAMRHNConfig):
+        super().__init__(input_size, config)
+        self.config: GAMRHNConfig = config
+        d_in, d, h = input_size, config.hidden_size, config.head_size
+        n, sn = config.groups, config.memory_size
+        self.slots = config.slots
+        self.write_head = _glorot(h, d_in + d)  # W_hw, no bias (step 1)
+        self.write_address = _glorot(sn, h)  # W_aw (step 2)
+        self.write_address_bias = _zeros(sn) if config.write_address_bias else None
+        self.reset_weight = _glorot(d, d_in + d)  # W_r (step 3)
+        self.reset_bias = _zeros(d)
+        self.value_weight = _glorot(n, d_in + d)  # W_m (step 3)
+        self.value_bias = _zeros(n)
+        self.layers = nn.ModuleList(HighwayLayer(config, first=i == 0) for i in range(config.depth))
+        layer_names = [f"layers.{i}" for i in range(config.depth)]
+        self.weight_roles = {  # type: ignore[misc]  # per instance: the names depend on depth
+            "memory": ("write_head", "write_address", "reset_weight", "value_weight"),
+            "read": tuple(f"{p}.read_address" for p in layer_names)
+            + tuple(f"{p}.read_head" for p in layer_names[1:]),
+            "highway": tuple(f"{p}.{w}" for p in layer_names for w in ("gate_weight", "candidate_weight")),
+        }
+
+    # -- state ----------------------------------------------------------------------------------
+    def initial_state(self, batch_size: int, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> State:
+        """Zero memory ``[b, S*N]`` and zero highway state ``[b, D]``."""
+        dtype = dtype or torch.float32
+        return (
+            torch.zeros(batch_size, self.config.memory_size, device=device, dtype=dtype),
+            torch.zeros(batch_size, self.config.hidden_size, device=device, dtype=dtype),
+        )
+
+    # -- reference path -------------------------------------------------------------------------
+    def trace_step(self, x_t: Tensor, state: State) -> StepTrace:
+        """One reference step, keeping every intermediate value."""
+        m, s = state
+        cfg, S = self.config, self.slots
+        xs = torch.cat([x_t, s], dim=-1)
+        h_w = F.linear(xs, self.write_head)  # (1)
+        a_w = grouped_softmax(F.linear(h_w, self.write_address, self.write_address_bias), S)  # (2)
+        r = self.quantize_activation("gate", torch.sigmoid(F.linear(xs, self.reset_weight, self.reset_bias)))  # (3)
+        m_bar = torch.tanh(F.linear(torch.cat([x_t, r * s], dim=-1), self.value_weight, self.value_bias))
+        m_bar = _dropout(self.quantize_activation("candidate", m_bar), cfg.gam_dropout, self.training)
+        m = self.quantize_activation("memory", (1.0 - a_w) * m + a_w * duplicate(m_bar, S))  # (4)
+        trace = StepTrace(h_w, a_w, r, m_bar, m)
+        for i, layer in enumerate(self.layers):  # (5)
+            h_l = h_w if i == 0 else F.linear(s, layer.read_head)
+            a_l = grouped_softmax(F.linear(h_l, layer.read_address, layer.read_address_bias), S)
+            xr = summarize(a_l * m, S)  # reads m_t, the memory after this step's write
+            gates = torch.sigmoid(F.linear(torch.cat([xr, s], dim=-1), layer.gate_weight, layer.gate_bias))
+            r_l, z_l = self.quantize_activation("gate", gates).chunk(2, dim=-1)
+            s_hat = torch.tanh(F.linear(torch.cat([xr, r_l * s], dim=-1), layer.candidate_weight,
+                                        layer.candidate_bias))
+            s_hat = _dropout(self.quantize_activation("candidate", s_hat), cfg.rhn_dropout, self.training)
+            s = self.quantize_activation("hidden", z_l * s + (1.0 - z_l) * s_hat)
+            trace.read_heads.append(h_l)
+            trace.read_addresses.append(a_l)
+            trace.reads.append(xr)
+            trace.states.append(s)
+        return trace
+
+    def step(self, x_t: Tensor, state: State, *, t: Tensor | None = None) -> tuple[Tensor, State]:
+        """Steps (1)-(6) for one time step: ``y_t = s^L``, state ``(m_t, s^L)``."""
+        trace = self.trace_step(x_t, state)
+        s = trace.states[-1]
+        return s, (trace.memory, s)  # (6)
+
+    # -- fast path --------------------------------------------------------------------------------
+    def fast_forward(self, x: Tensor, state: State, *, times: Tensor | None = None) -> tuple[Tensor, State]:
+        """The reference recurrence with the ``x_t`` projections of all steps in one matmul.
+
+        Per step, matrices that multiply the same vector are merged: ``s_{t-1}`` feeds the write head,
+        the reset gate and layer 1's gates in one ``addmm``; each ``s^{l-1}`` (l >= 2) feeds its read
+        head and its gates in one. Dropout masks are drawn in the reference order, so with the same
+        seed both paths give the same result in training too.
+        """
+        m, s = state
+        cfg, S = self.config, self.slots
+        d_in, d, h, n = self.input_size, cfg.hidden_size, cfg.head_size, cfg.groups
+        b = x.shape[0]
+        layers = list(self.layers)
+        first = layers[0]
+
+        # x_t parts of W_hw, W_r, W_m for every step in one matmul, with the biases of the matrices
+        # that share an addmm below: columns [h_w | r | layer-1 gates | m_bar], [t, b, H+D+2D+N]
+        w_x = torch.cat([self.write_head[:, :d_in], self.reset_weight[:, :d_in],
+                         first.gate_weight.new_zeros(2 * d, d_in), self.value_weight[:, :d_in]])
+        b_x = torch.cat([self.reset_bias.new_zeros(h), self.reset_bias, first.gate_bias, self.value_bias])
+        xp = F.linear(x.transpose(0, 1), w_x, b_x)
+        # s_{t-1} feeds W_hw, W_r and layer 1's gates: one [D, H+D+2D] matrix
+        w_s0 = torch.cat([self.write_head[:, d_in:], self.reset_weight[:, d_in:], first.gate_weight[:, n:]]).t()
+        w_m_s = self.value_weight[:, d_in:].t()
+        w_aw = self.write_address.t()
+        b_aw = self.write_address_bias
+        # layers >= 2: s^{l-1} feeds W_h^l and the s-part of W_g^l
+        w_hs = [None] + [torch.cat([lay.read_head, lay.gate_weight[:, n:]]).t() for lay in layers[1:]]
+        b_hs = [None] + [torch.cat([lay.gate_bias.new_zeros(h), lay.gate_bias]) for lay in layers[1:]]
+        w_a = [lay.read_address.t() for lay in layers]
+        b_a = [lay.read_address_bias for lay in layers]
+        w_gx = [lay.gate_weight[:, :n].t() for lay in layers]
+        w_cx = [lay.candidate_weight[:, :n].t() for lay in layers]
+        w_cs = [lay.candidate_weight[:, n:].t() for lay in layers]
+        b_c = [lay.candidate_bias for lay in layers]
+
+        m = m.reshape(b, n, S)  # the memory as [b, N groups, S slots] inside the loop
+        ys = []
+        for xp_t in xp.unbind(0):  # unbind keeps the backward linear in t
+            pre = torch.addmm(xp_t[:, : h + 3 * d], s, w_s0)
+            h_w = pre[:, :h]  # (1)
+            logits = h_w @ w_aw if b_aw is None else torch.addmm(b_aw, h_w, w_aw)
+            a_w = torch.softmax(logits.view(b, n, S), dim=-1)  # (2)
+            r = torch.sigmoid(pre[:, h : h + d])  # (3)
+            m_bar = torch.tanh(torch.addmm(xp_t[:, h + 3 * d :], r * s, w_m_s))
+            m_bar = _dropout(m_bar, cfg.gam_dropout, self.training)
+            m = torch.lerp(m, m_bar.unsqueeze(-1), a_w)  # (4): m + a (Dup(m_bar) - m)
+            gate_s = pre[:, h + d :]
+            for i in range(len(layers)):  # (5)
+                if i == 0:
+                    h_l = h_w
+                else:
+                    hs = torch.addmm(b_hs[i], s, w_hs[i])
+                    h_l, gate_s = hs[:, :h], hs[:, h:]
+                logits = h_l @ w_a[i] if b_a[i] is None else torch.addmm(b_a[i], h_l, w_a[i])
+                xr = (torch.softmax(logits.view(b, n, S), dim=-1) * m).sum(-1)
+                r_l, z_l = torch.sigmoid(torch.addmm(gate_s, xr, w_gx[i])).chunk(2, dim=-1)
+                s_hat = torch.tanh(torch.addmm(torch.addmm(b_c[i], xr, w_cx[i]), r_l * s, w_cs[i]))
+                s_hat = _dropout(s_hat, cfg.rhn_dropout, self.training)
+                s = torch.lerp(s_hat, s, z_l)  # z s + (1 - z) s_hat
+            ys.append(s)  # (6)
+        m = m.reshape(b, n * S)
+        return torch.stack(ys, dim=1), (m, s)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"input_size={self.input_size}, memory={c.memory} (S={c.slots} slots x N={c.groups} groups), "
+                f"head_size={c.head_size}, hidden_size={c.hidden_size}, depth={c.depth}")
