@@ -49,6 +49,9 @@ class SeqplatGroup(click.Group):
                             "num_layers) and try again.") from exc
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)  # built-in commands never need the plugins to load
+        if cmd is not None:
+            return cmd
         _load_plugin_commands(self)
         return super().get_command(ctx, name)
 
@@ -127,3 +130,4 @@ __all__ = ["main"]
 def run() -> None:  # pragma: no cover - console entry point alias
     sys.exit(main())
 from seqplat.cli import ecosystem as _ecosystem  # noqa: E402,F401  (plugins install, new-plugin, generate, ...)
+from seqplat.cli import suite as _suite  # noqa: E402,F401

@@ -17,7 +17,9 @@ from seqplat.cli import UserError, echo_json, main, resolve, source_options
                    "train.steps).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def train(plugin, recipe, config_files, overrides, resume, tracking_uri, no_progress) -> None:
+@click.option("--register-model", default=None, metavar="NAME",
+              help="Register the best checkpoint in the MLflow model registry under NAME.")
+def train(plugin, recipe, config_files, overrides, resume, tracking_uri, no_progress, register_model) -> None:
     """Train a model and log the run to MLflow.
 
     \b
@@ -41,6 +43,9 @@ def train(plugin, recipe, config_files, overrides, resume, tracking_uri, no_prog
     else:
         extra = list(overrides) + ([f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else [])
         run = resolve(plugin, recipe, config_files, tuple(extra))
+    if register_model:
+        run = validate_run({**run.model_dump(mode="json"),
+                            "tracking": {**run.tracking.model_dump(mode="json"), "register_model": register_model}})
     result = run_training(run, resume=resume, progress=not no_progress)
     click.echo(f"valid: {_fmt(result.valid_metrics)}")
     click.echo(f"test:  {_fmt(result.test_metrics)}")
@@ -50,6 +55,8 @@ def train(plugin, recipe, config_files, overrides, resume, tracking_uri, no_prog
     if result.run_id:
         where = f" (logged locally to {result.tracking_uri}: the server was unreachable)" if result.tracking_uri else ""
         click.echo(f"mlflow run: {result.run_id}{where}")
+    if result.registered_model:
+        click.echo(f"registered model: {result.registered_model}")
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -161,6 +161,8 @@ def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: i
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         params=sum(p.numel() for p in cell.parameters()),
     )
+    hidden = hidden or cell.output_size  # wrapper cells without hidden_size: compare at their output width
+    res.hidden = hidden
     if with_lstm:
         lstm = nn.LSTM(input_size, hidden, batch_first=True)
         with flush_denormal():

@@ -99,6 +99,7 @@ class TrackingConfig(_Strict):
     run_name: str | None = Field(None, description="run name (None: MLflow picks one)")
     log_checkpoint: bool = Field(True, description="upload the best checkpoint as an artifact")
     register_model: str | None = Field(None, description="register the best checkpoint under this model name")
+    parent_run_id: str | None = Field(None, description="MLflow run to nest this run under (seqplat suite)")
     on_unreachable: Literal["error", "local"] = Field(
         "error", description="tracking server unreachable at start: fail, or log to <run_dir>/mlflow.db and say so"
     )
@@ -328,6 +329,8 @@ def check_compatibility(run: RunConfig, registry: Any) -> None:
             f"cell.name: cell '{run.cell['name']}' cannot carry state across chunks, which the stream task "
             f"'{run.task['name']}' needs"
         )
+    if run.tracking.register_model and not (run.tracking.enabled and run.tracking.log_checkpoint):
+        raise ConfigError("tracking.register_model: needs tracking.enabled=true and tracking.log_checkpoint=true")
     if run.train.clip_norm is not None and run.train.clip_value is not None:
         raise ConfigError("train.clip_value: set either train.clip_norm or train.clip_value, not both")
 

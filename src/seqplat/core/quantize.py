@@ -26,7 +26,7 @@ class QuantizerConfig(BaseModel):
 
 def straight_through(quantized: Tensor, latent: Tensor) -> Tensor:
     """Forward ``quantized``, backward the identity to ``latent`` (STE)."""
-    return latent + (quantized - latent).detach()
+    return quantized + (latent - latent.detach())  # bit-exact forward value, identity gradient
 
 
 class Quantizer:

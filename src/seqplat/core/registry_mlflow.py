@@ -56,8 +56,8 @@ def register_checkpoint_model(run_id: str, name: str) -> str:
     try:
         version = client.create_model_version(
             name, f"runs:/{run_id}/checkpoint", run_id=run_id, tags=tags,
-            description=f"seqplat checkpoint: {cell} on {task} (run {run_id}); "
-                        f"reload with `seqplat evaluate models:/{name}/<version>`",
+            description=f"seqplat checkpoint: {cell} on {task} (run {run_id}); load it with seqplat, e.g. "
+                        f"`seqplat generate models:/{name}/<version> --prompt ...` for language models",
         )
     except MlflowException as exc:
         raise SeqplatError(f"Cannot register run '{run_id}' as model '{name}': {_first_line(exc)}") from exc

@@ -92,6 +92,8 @@ class Task:
     primary_mode: ClassVar[Literal["min", "max"]] = "min"
     #: set when the task is a fixed-budget protocol's memoryless baseline, shown beside results
     baseline: float | None = None
+    #: keep a confusion matrix (accuracy and macro-F1); off for large vocabularies (accuracy only)
+    metric_confusion: ClassVar[bool] = True
 
     def __init__(self, config: BaseModel):
         self.config = config
@@ -172,12 +174,15 @@ class Task:
             else:
                 count = torch.tensor(float(nll.numel()), device=out.device)
             stats = {"loss_sum": nll.sum(), "count": count}
-            if not with_grad:
+            if not with_grad and self.metric_confusion:
                 pred = logits.argmax(-1)
                 valid = torch.ones_like(target, dtype=torch.bool) if mask is None else mask.reshape(-1) > 0
                 k = self.num_outputs
                 conf = torch.bincount(target[valid] * k + pred[valid], minlength=k * k).reshape(k, k)
                 stats["confusion"] = conf.to(torch.float64)
+            elif not with_grad:  # large vocabularies: count correct predictions only
+                ok = logits.argmax(-1) == target
+                stats["correct"] = (ok.to(nll.dtype) * (m if mask is not None else 1.0)).sum()
         if not with_grad:
             stats = {k: v.detach().to(torch.float64) for k, v in stats.items()}
         return stats
@@ -191,6 +196,8 @@ class Task:
             out["rmse"] = math.sqrt(loss)
         if "confusion" in stats:
             out.update(classification_metrics(stats["confusion"]))
+        elif "correct" in stats:
+            out["accuracy"] = float(stats["correct"] / stats["count"].clamp_min(1))
         return out
 
 
@@ -241,6 +248,7 @@ class LanguageModelTask(Task):
     head_kind = "per_step"
     output_kind = "classification"
     primary_metric = "bpc"
+    metric_confusion = False
     #: "bpc" for character models, "perplexity" for word models
     unit: ClassVar[Literal["bpc", "perplexity"]] = "bpc"
 

@@ -60,6 +60,7 @@ class TrainResult:
     history: dict[str, list[list[float]]] = field(default_factory=dict)
     stopped_early: bool = False
     tracking_uri: str | None = None
+    registered_model: str | None = None
 
 
 def make_optimizer(params: Any, cfg: Any) -> torch.optim.Optimizer:
@@ -344,6 +345,8 @@ class Trainer:
         commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
+        if run.tracking.parent_run_id:
+            tags["mlflow.parentRunId"] = run.tracking.parent_run_id
         experiment = run.tracking.experiment or run.task["name"]
         self.mlflow_run_id = self.tracker.start(experiment, run.tracking.run_name, self.mlflow_run_id, tags,
                                                 fallback_dir=self.run_dir) or self.mlflow_run_id
@@ -523,6 +526,18 @@ class Trainer:
                 local = os.path.join(tmp, "checkpoint")
                 fs.get(path.rstrip("/") + "/", local, recursive=True)
                 self.tracker.log_artifacts(local, "checkpoint")
+                name = self.run.tracking.register_model
+                if name:
+                    from seqplat.core.errors import SeqplatError
+                    from seqplat.core.registry_mlflow import register_checkpoint_model
+
+                    try:
+                        version = register_checkpoint_model(self.tracker.run_id, name)
+                    except SeqplatError as exc:
+                        log.warning("model registry: %s", exc)
+                    else:
+                        result.registered_model = f"models:/{name}/{version}"
+                        self.tracker.set_tags({"seqplat.registered_model": result.registered_model})
 
 
 def _fmt_metrics(prefix: str, metrics: dict[str, float]) -> str:
@@ -582,6 +597,9 @@ def resolve_run_reference(ref: str) -> str:
     """A checkpoint URL from a checkpoint/run folder URL, ``runs:/<id>`` or a bare MLflow run id."""
     import re
 
+    from seqplat.core.registry_mlflow import resolve_model_reference
+
+    ref = resolve_model_reference(ref)
     run_id = ref[len("runs:/"):].strip("/").split("/")[0] if ref.startswith("runs:/") else None
     if run_id is None and re.fullmatch(r"[0-9a-f]{32}", ref):
         run_id = ref

@@ -8,6 +8,9 @@ Enable with ``pytest_plugins = ["seqplat.testing.pytest_plugin"]`` in a ``confte
   ``@seqplat.hookimpl`` functions) to that registry.
 * ``tiny_run`` -- ``tiny_run(cell_spec, task="toy_stream", steps=4, **overrides)`` returns a validated
   :class:`RunConfig` for a few-step CPU run with tracking off and outputs under ``tmp_path``.
+* ``two_rank_run`` -- ``two_rank_run(config)`` trains a run config (a :class:`RunConfig` or a mapping)
+  on two CPU processes under ``accelerate launch`` and returns rank 0's result as a dict (``run_id``,
+  ``valid``, ``test``, ``history``, ``steps``, ``run_dir``); see :mod:`seqplat.testing.distributed`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import pytest
 
 from seqplat.registry import Registry, set_registry
+from seqplat.testing.distributed import run_two_ranks
 from seqplat.testing.tasks import ToyTasksPlugin
 
 
@@ -63,3 +67,23 @@ def tiny_run(seqplat_registry, tmp_path):
         return validate_run(data, seqplat_registry)
 
     return make
+
+
+@pytest.fixture
+def two_rank_run(tmp_path):
+    """``two_rank_run(config, toy_tasks=True, timeout=300, env=None) -> dict``: a two-process CPU run.
+
+    The ranks are fresh processes: they see the installed plugins (and, with ``toy_tasks``, the toy
+    tasks), not plugins added to a test's registry with ``register_plugin``. Each call works in its
+    own folder under ``tmp_path``.
+    """
+    calls = 0
+
+    def run(config: Any, toy_tasks: bool = True, timeout: float = 300,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        data = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config)
+        return run_two_ranks(data, tmp_path / f"two-rank-{calls}", toy_tasks=toy_tasks, timeout=timeout, env=env)
+
+    return run
