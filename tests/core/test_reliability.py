@@ -41,7 +41,12 @@ def _final_weights(run_dir):
     return load_checkpoint(str(run_dir), prefer="step").model_state
 
 
-def _kill_trials(tmp_path, trials, steps=40):
+def _latest_step(ckpt_root):
+    found = list_checkpoints(ckpt_root)
+    return found[-1][0] if found else 0
+
+
+def _kill_trials(tmp_path, trials, steps=60):
     base = TINY + ["--set", f"train.steps={steps}", "--set", "train.checkpoint_every=1",
                    "--set", f"train.eval_every={steps}", "--set", "tracking.enabled=false"]
     ref_dir = tmp_path / "reference"
@@ -54,11 +59,13 @@ def _kill_trials(tmp_path, trials, steps=40):
     for i in range(trials):
         run_dir = tmp_path / f"trial{i}"
         proc = _cli(base + ["--set", f"io.run_dir={run_dir}"], tmp_path)
-        # wait until the first checkpoint exists, then kill at a random moment of the checkpoint stream
+        # a checkpoint is written every step: wait for a random step, then kill a random few milliseconds
+        # later, so kills land before, during and after checkpoint writes
+        target = rng.randint(1, steps - 5)
         deadline = time.time() + 120
-        while not list_checkpoints(str(run_dir / "checkpoints")) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
+        while _latest_step(str(run_dir / "checkpoints")) < target and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.05))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         ck = load_checkpoint(str(run_dir))  # the latest complete checkpoint always loads
