@@ -71,7 +71,6 @@ class SequenceModel(nn.Module):
                     f"output size ({width})"
                 )
             self.head.weight = self.encoder.weight
-        self.select = task.select_outputs
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> tuple[State, ...]:
         return tuple(c.initial_state(batch_size, device) for c in self.cells)

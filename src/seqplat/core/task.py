@@ -145,10 +145,6 @@ class Task:
         return nn.Linear(hidden_size, self.num_outputs)
 
     # -- loss and metrics ----------------------------------------------------------------------
-    def select_outputs(self, y: Tensor, batch: Batch) -> Tensor:
-        """The cell outputs the head sees: every step, or the last one."""
-        return y if self.head_kind == "per_step" else y[:, -1]
-
     def loss(self, out: Tensor, batch: Batch) -> Tensor:
         """Mean loss of the head's outputs over the counted predictions."""
         stats = self.batch_stats(out, batch, with_grad=True)

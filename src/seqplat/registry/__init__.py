@@ -182,7 +182,8 @@ class Registry:
             obj = load_recipe_source(obj)
             description = description or str(obj.get("description", ""))
         else:
-            description = description or (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else description
+            if not description and obj.__doc__ and obj.__doc__.strip():
+                description = obj.__doc__.strip().splitlines()[0]
             if kind in ("cell", "task", "regularizer", "quantizer") and not hasattr(obj, "config_class"):
                 raise TypeError(f"{kind} '{name}' ({obj!r}) has no config_class attribute")
         table[name] = Entry(name, obj, info.name, description)
