@@ -145,3 +145,25 @@ def test_suite_isolated_run_in_a_child_process(tiny_protocol, tmp_path):
     assert results[0]["command"] == ("seqplat train --recipe baselines/tinyp --set train.seed=0 "
                                      "--set tracking.enabled=false --set train.steps=2")
     assert "| lstm | `baselines/tinyp` | 0 | finished |" in (out / "report.md").read_text()
+
+
+def test_suite_jobs_trains_runs_in_parallel_processes(tiny_protocol, tmp_path):
+    # --jobs 2: the three runs go to two child processes at a time, all nested under one parent run,
+    # every entry lands in the state file, and the report says the machine was shared
+    out = tmp_path / "par"
+    res = CliRunner().invoke(main, ["suite", "--protocol", "tinyp", "--out", str(out), "--steps", "2",
+                                    "--jobs", "2", "--no-progress", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert sorted((r["recipe"], r["status"]) for r in info["runs"]) == [
+        ("baselines/tinyp", "finished"), ("tinyq/tinyp", "finished"), ("tinyq/tinyp_rnn", "finished")]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    for r in info["runs"]:
+        assert client.get_run(r["run_id"]).data.tags["mlflow.parentRunId"] == info["parent_run_id"]
+    state = json.loads((out / "suite_state.json").read_text())
+    assert {k: v["status"] for k, v in state["entries"].items()} == {
+        "baselines/tinyp@seed0": "finished", "tinyq/tinyp@seed0": "finished", "tinyq/tinyp_rnn@seed0": "finished"}
+    assert "2 runs trained at a time (--jobs 2)" in (out / "report.md").read_text()
+    bad = CliRunner().invoke(main, ["suite", "--protocol", "tinyp", "--jobs", "2", "--in-process"])
+    assert bad.exit_code == 2
+    assert "--jobs: parallel runs need --isolate" in bad.output

@@ -29,10 +29,12 @@ def _seeds(text: str) -> list[int]:
 @click.option("--steps", type=int, default=None, help="Shorthand for --set train.steps=N (smoke runs).")
 @click.option("--isolate/--in-process", default=True, show_default=True,
               help="Train each run in a fresh process (its own peak memory; installed plugins only) or in this one.")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Train this many runs at once, each in its own process (one per core, with train.threads=1).")
 @click.option("--dry-run", is_flag=True, help="List the cells and commands the suite would run, then stop.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def suite(protocol, cells, seeds, out, overrides, steps, isolate, dry_run, as_json, no_progress) -> None:
+def suite(protocol, cells, seeds, out, overrides, steps, isolate, jobs, dry_run, as_json, no_progress) -> None:
     """Train every installed cell on one protocol's budget and report them side by side.
 
     Runs are nested under one MLflow parent run; finished (recipe, seed) entries are recorded in
@@ -43,6 +45,7 @@ def suite(protocol, cells, seeds, out, overrides, steps, isolate, dry_run, as_js
       seqplat suite --protocol ptb_char_1m --seeds 0,1,2
       seqplat suite --protocol copy_200 --cells lstm,gam_rhn --out s3://bucket/suites/copy_200
       seqplat suite --protocol adding_400 --steps 20 --dry-run
+      seqplat suite --protocol psmnist_1ep --jobs 2 --set train.threads=1
     """
     from seqplat.core.suite import _command, protocol_cells, run_suite, select_cells
 
@@ -50,6 +53,10 @@ def suite(protocol, cells, seeds, out, overrides, steps, isolate, dry_run, as_js
     wanted = [c for c in cells.split(",")] if cells else None
     if steps is not None and steps < 1:
         raise UserError(f"--steps: expected a positive integer, got {steps}")
+    if jobs < 1:
+        raise UserError(f"--jobs: expected a positive integer, got {jobs}")
+    if jobs > 1 and not isolate:
+        raise UserError("--jobs: parallel runs need --isolate (each run in its own process); drop --in-process")
     if dry_run:
         chosen = select_cells(protocol_cells(protocol), wanted, protocol)
         extra = list(overrides) + ([f"train.steps={steps}"] if steps is not None else [])
@@ -62,7 +69,7 @@ def suite(protocol, cells, seeds, out, overrides, steps, isolate, dry_run, as_js
                 click.echo(f"{r['cell']:<16} {r['recipe']:<36} {r['command']}")
         return
     result = run_suite(protocol, cells=wanted, seeds=seed_list, out=out, overrides=overrides, steps=steps,
-                       progress=not no_progress, isolate=isolate)
+                       progress=not no_progress, isolate=isolate, jobs=jobs)
     if as_json:
         echo_json({"protocol": result.protocol, "out": result.out, "parent_run_id": result.parent_run_id,
                    "skipped": result.skipped, "files": result.files,

@@ -25,9 +25,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -272,17 +274,25 @@ def run_suite(
     registry: Any | None = None,
     progress: bool = True,
     isolate: bool = False,
+    jobs: int = 1,
 ) -> SuiteResult:
     """Train every chosen cell recipe of ``protocol`` for every seed, skipping entries already finished
     in ``<out>/suite_state.json``, then write and log the report. Returns the report and every entry.
 
     With ``isolate`` each run trains in a fresh Python process (see :func:`train_isolated`), so its peak
     memory is its own; the child sees only the installed plugins, not ones added to ``registry`` inline.
+    ``jobs`` > 1 (isolated runs only) trains that many runs at once, each in its own process; give each
+    one thread (``--set train.threads=1``) and at most one job per core, or the runs slow each other down.
     """
     from seqplat.core.train import train
     from seqplat.registry import get_registry
 
     reg = registry or get_registry()
+    if jobs < 1:
+        raise ConfigError(f"--jobs: expected a positive integer, got {jobs}")
+    if jobs > 1 and not isolate:
+        raise ConfigError("--jobs: parallel runs need --isolate (each run in its own process); "
+                          "drop --in-process or use --jobs 1")
     chosen = select_cells(protocol_cells(protocol, reg), cells, protocol)
     if not chosen:
         raise ConfigError(f"--protocol: protocol '{protocol}' has no cell recipes installed")
@@ -308,54 +318,77 @@ def run_suite(
             if state["entries"].get(entry_key(c.recipe, s), {}).get("status") == "finished"]
     bar = tqdm(total=len(todo), initial=len(done), desc=f"suite {protocol}", disable=not progress,
                dynamic_ncols=True, unit="run")
-    status = "FINISHED"
-    try:
-        for c, seed in todo:
-            key = entry_key(c.recipe, seed)
-            if key in done:
-                continue
-            bar.set_postfix_str(f"{c.recipe} seed {seed}")
-            previous = state["entries"].get(key, {})
-            old_dir = previous.get("run_dir")
-            resume = old_dir if previous.get("status") == "running" and old_dir and _has_checkpoint(old_dir) else None
-            entry = SuiteEntry(recipe=c.recipe, cell=c.cell, seed=seed, status="running",
-                               command=_command(c.recipe, seed, extra),
-                               run_dir=resume or posixpath.join(out, "runs",
-                                                                f"{_slug(c.recipe, seed)}-{uuid.uuid4().hex[:6]}"))
-            run = configs[c.recipe]
-            upd: dict[str, Any] = {"train": run.train.model_copy(update={"seed": seed}),
-                                   "io": run.io.model_copy(update={"run_dir": entry.run_dir})}
-            if parent is not None:
-                upd["tracking"] = run.tracking.model_copy(update={"experiment": parent.experiment})
-            run = run.model_copy(update=upd)
+    lock = threading.Lock()
+
+    def save(key: str, entry: SuiteEntry) -> None:
+        with lock:
             state["entries"][key] = asdict(entry)
             save_state(out, state)
-            try:
-                result = train_isolated(run, resume) if isolate else train(run, resume=resume, registry=reg,
-                                                                                 progress=False)
-            except (TrainingInterrupted, KeyboardInterrupt):
-                status = "KILLED"
+
+    def run_one(c: SuiteCell, seed: int) -> None:
+        key = entry_key(c.recipe, seed)
+        previous = state["entries"].get(key, {})
+        old_dir = previous.get("run_dir")
+        resume = old_dir if previous.get("status") == "running" and old_dir and _has_checkpoint(old_dir) else None
+        entry = SuiteEntry(recipe=c.recipe, cell=c.cell, seed=seed, status="running",
+                           command=_command(c.recipe, seed, extra),
+                           run_dir=resume or posixpath.join(out, "runs",
+                                                            f"{_slug(c.recipe, seed)}-{uuid.uuid4().hex[:6]}"))
+        run = configs[c.recipe]
+        upd: dict[str, Any] = {"train": run.train.model_copy(update={"seed": seed}),
+                               "io": run.io.model_copy(update={"run_dir": entry.run_dir})}
+        if parent is not None:
+            upd["tracking"] = run.tracking.model_copy(update={"experiment": parent.experiment})
+        run = run.model_copy(update=upd)
+        save(key, entry)
+        try:
+            result = train_isolated(run, resume) if isolate else train(run, resume=resume, registry=reg,
+                                                                             progress=False)
+        except SeqplatError as exc:
+            if isinstance(exc, TrainingInterrupted):
                 raise
-            except SeqplatError as exc:
-                entry.status, entry.error = "failed", str(exc).splitlines()[0][:500]
-                log.warning("suite %s: %s seed %d failed: %s", protocol, c.recipe, seed, entry.error)
-                state["entries"][key] = asdict(entry)
-                save_state(out, state)
+            entry.status, entry.error = "failed", str(exc).splitlines()[0][:500]
+            log.warning("suite %s: %s seed %d failed: %s", protocol, c.recipe, seed, entry.error)
+            save(key, entry)
+            with lock:
                 bar.update(1)
-                continue
-            primary = _primary_metric(run, reg)
-            entry.status = "finished"
-            entry.run_id = result.run_id
-            entry.num_parameters = result.num_parameters
-            entry.valid_metrics, entry.test_metrics = result.valid_metrics, result.test_metrics
-            entry.train_tokens_per_s, entry.peak_memory_mb = result.train_tokens_per_s, result.peak_memory_mb
-            entry.wall_time_s, entry.steps, entry.history = result.wall_time_s, result.steps, result.history
-            if parent is not None and result.run_id:
+            return
+        primary = _primary_metric(run, reg)
+        entry.status = "finished"
+        entry.run_id = result.run_id
+        entry.num_parameters = result.num_parameters
+        entry.valid_metrics, entry.test_metrics = result.valid_metrics, result.test_metrics
+        entry.train_tokens_per_s, entry.peak_memory_mb = result.train_tokens_per_s, result.peak_memory_mb
+        entry.wall_time_s, entry.steps, entry.history = result.wall_time_s, result.steps, result.history
+        if parent is not None and result.run_id:
+            with lock:
                 parent.adopt(result.run_id)
                 entry.wall_curve = parent.wall_curve(result.run_id, f"valid_{primary}")
-            state["entries"][key] = asdict(entry)
-            save_state(out, state)
+        save(key, entry)
+        with lock:
+            bar.set_postfix_str(f"{c.recipe} seed {seed} done")
             bar.update(1)
+
+    pending = [(c, s) for c, s in todo if entry_key(c.recipe, s) not in done]
+    status = "FINISHED"
+    try:
+        if jobs <= 1:
+            for c, seed in pending:
+                bar.set_postfix_str(f"{c.recipe} seed {seed}")
+                run_one(c, seed)
+        else:
+            with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="suite") as pool:
+                futures = [pool.submit(run_one, c, s) for c, s in pending]
+                try:
+                    for fut in as_completed(futures):
+                        fut.result()
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()
+                    raise
+    except (TrainingInterrupted, KeyboardInterrupt):
+        status = "KILLED"
+        raise
     finally:
         bar.close()
         if status == "KILLED" and parent is not None:
@@ -364,7 +397,7 @@ def run_suite(
     entries = [_entry_from(state["entries"][entry_key(c.recipe, s)]) for c, s in todo
                if entry_key(c.recipe, s) in state["entries"]]
     primary, mode, baseline = _protocol_meta(first, reg)
-    md = report_markdown(protocol, entries, primary, mode, baseline, seeds, isolate)
+    md = report_markdown(protocol, entries, primary, mode, baseline, seeds, isolate, jobs)
     files = write_report(out, md, entries, primary, protocol)
     if parent is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -484,7 +517,7 @@ def _mean_spread(values: list[float], digits: int) -> str:
 
 
 def report_markdown(protocol: str, entries: list[SuiteEntry], primary: str, mode: str,
-                    baseline: float | None, seeds: Sequence[int], isolate: bool = False) -> str:
+                    baseline: float | None, seeds: Sequence[int], isolate: bool = False, jobs: int = 1) -> str:
     """The suite's Markdown report: a summary over seeds per recipe and one row per run."""
     from seqplat.core.tracking import git_commit
 
@@ -532,7 +565,9 @@ def report_markdown(protocol: str, entries: list[SuiteEntry], primary: str, mode
     lines += ["", "Plots: `plots/metric_vs_step.png`, `plots/metric_vs_wallclock.png`, `plots/tokens_per_s.png`.",
               "Peak memory is the training process's peak resident set (CUDA peak allocation on a GPU); "
               + ("each run trained in its own process." if isolate else
-                 "runs shared one process (--in-process), so a run reports at least the peak of the runs before it.")]
+                 "runs shared one process (--in-process), so a run reports at least the peak of the runs before it.")
+              + (f" {jobs} runs trained at a time (--jobs {jobs}), so tokens/s and wall time are those of a machine "
+                 f"shared with {jobs - 1} other run(s)." if jobs > 1 else "")]
     return "\n".join(lines) + "\n"
 
 
