@@ -97,6 +97,15 @@ class Cell(nn.Module):
     weight_roles: ClassVar[dict[str, tuple[str, ...]]] = {}
     activation_roles: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def inner_cell_specs(cls, config: BaseModel) -> list[dict[str, Any]]:
+        """The cell specs ``{name, ...options}`` a wrapper cell builds inside itself for ``config``.
+
+        The core walks them at config time, so an incompatible inner cell (say, a time-aware cell on a
+        task without timestamps) is refused before training starts. Plain cells have none.
+        """
+        return []
+
     def __init__(self, input_size: int, config: BaseModel):
         super().__init__()
         self.input_size = int(input_size)

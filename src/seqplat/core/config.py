@@ -312,16 +312,32 @@ def validate_run(data: dict[str, Any], registry: Any | None = None) -> RunConfig
     return run
 
 
+def time_aware_cells(spec: dict[str, Any], registry: Any, _depth: int = 0) -> list[str]:
+    """The chain of cell names, outermost first, down to the first cell in ``spec`` that reads per-step
+    timestamps (the cell itself, or an inner cell of a wrapper at any depth); empty when none does."""
+    cls = registry.get("cell", spec["name"]).obj
+    config = component_config("cell", spec, registry)
+    needs = getattr(cls, "needs_times", None)  # a cell may need times only under some options
+    if (needs(config) if callable(needs) else getattr(cls, "uses_time", False)):
+        return [spec["name"]]
+    inner = getattr(cls, "inner_cell_specs", None)
+    if _depth < 16 and callable(inner):
+        for sub in inner(config):
+            chain = time_aware_cells(sub, registry, _depth + 1)
+            if chain:
+                return [spec["name"], *chain]
+    return []
+
+
 def check_compatibility(run: RunConfig, registry: Any) -> None:
     """Fail at config time on combinations that cannot work."""
     cell_cls = registry.get("cell", run.cell["name"]).obj
     task_cls = registry.get("task", run.task["name"]).obj
-    needs = getattr(cell_cls, "needs_times", None)  # a cell may need times only under some options
-    uses_time = needs(component_config("cell", run.cell, registry)) if callable(needs) else \
-        getattr(cell_cls, "uses_time", False)
-    if uses_time and not getattr(task_cls, "provides_times", False):
+    timed = time_aware_cells(run.cell, registry)
+    if timed and not getattr(task_cls, "provides_times", False):
+        where = "" if timed == [run.cell["name"]] else f" (through its inner cell '{timed[-1]}')"
         raise ConfigError(
-            f"cell.name: cell '{run.cell['name']}' reads per-step timestamps but task '{run.task['name']}' "
+            f"cell.name: cell '{run.cell['name']}'{where} reads per-step timestamps but task '{run.task['name']}' "
             f"provides none; choose a task with timestamps or set the cell's option to use step indices if it has one"
         )
     if getattr(task_cls, "stream", False) and not getattr(cell_cls, "supports_state_carry", True):

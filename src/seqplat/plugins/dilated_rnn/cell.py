@@ -125,6 +125,11 @@ class DilatedRNNCell(Cell):
     has_fast_path = True
     supports_state_carry = True
 
+    @classmethod
+    def inner_cell_specs(cls, config: DilatedRNNConfig) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The inner cell spec of every layer (for the core's config-time checks)."""
+        return [config.layer_spec(i) for i in range(len(config.layer_dilations))]
+
     def __init__(self, input_size: int, config: DilatedRNNConfig):
         super().__init__(input_size, config)
         self.dilations: tuple[int, ...] = tuple(config.layer_dilations)

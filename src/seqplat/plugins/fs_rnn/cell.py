@@ -110,6 +110,11 @@ class FSRNNCell(StepCell):
     has_fast_path = True
     supports_step: ClassVar[bool] = True
 
+    @classmethod
+    def inner_cell_specs(cls, config: FSRNNConfig) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The fast and the slow cell specs (for the core's config-time checks)."""
+        return [dict(config.fast), dict(config.slow)]
+
     def __init__(self, input_size: int, config: FSRNNConfig):
         super().__init__(input_size, config)
         k = config.num_fast

@@ -73,6 +73,11 @@ class SABCell(Cell):
     #: without saving tanh activations (attention.BlockedKeys)
     has_fast_path = True
 
+    @classmethod
+    def inner_cell_specs(cls, config: SABConfig) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The inner cell's spec (for the core's config-time checks)."""
+        return [config.inner_spec()]
+
     def __init__(self, input_size: int, config: SABConfig):
         super().__init__(input_size, config)
         self.inner = build_cell(config.inner_spec(), input_size)
