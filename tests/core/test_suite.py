@@ -167,3 +167,33 @@ def test_suite_jobs_trains_runs_in_parallel_processes(tiny_protocol, tmp_path):
     bad = CliRunner().invoke(main, ["suite", "--protocol", "tinyp", "--jobs", "2", "--in-process"])
     assert bad.exit_code == 2
     assert "--jobs: parallel runs need --isolate" in bad.output
+
+
+def test_leaderboard_merges_suite_reports(tiny_protocol, tmp_path):
+    out = tmp_path / "lb" / "tinyp"
+    runner = CliRunner()
+    res = runner.invoke(main, ["suite", "--protocol", "tinyp", "--cells", "gru", "--out", str(out), "--steps", "2",
+                               "--seeds", "0,1", "--in-process", "--set", "tracking.enabled=false", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    assert "cores" in results["machine"] and results["commit"] is None or isinstance(results["commit"], str)
+    ctx = tmp_path / "ctx.yaml"
+    ctx.write_text("intro: Tiny page.\nprotocols:\n  tinyp:\n    budget: Two steps.\n"
+                   "    papers:\n      tinyq/tinyp: '0.5 (the paper)'\n    notes: A note.\n  other:\n    budget: x\n")
+    page_path = tmp_path / "page.md"
+    res = runner.invoke(main, ["leaderboard", str(out), "--context", str(ctx), "--out", str(page_path)])
+    assert res.exit_code == 0, res.output
+    page = page_path.read_text()
+    assert page.startswith("# Leaderboard\n\nTiny page.\n")
+    assert "| [`other`](#other) | not yet measured |" in page
+    assert "| [`tinyp`](#tinyp) | 4 runs |" in page
+    lines = [ln for ln in page.splitlines() if ln.startswith("| lstm |") or ln.startswith("| gru |")]
+    assert lines[0].startswith("| lstm | `baselines/tinyp` | - | ")  # the baseline first
+    assert lines[1].startswith("| gru | `tinyq/tinyp` | 0.5 (the paper) | ")
+    assert lines[1].endswith("| 2 | 0, 1 |")  # steps, seeds
+    assert " ± " in lines[1]  # two seeds: mean ± spread
+    assert "not in this suite run (not yet measured): `tinyq/tinyp_rnn`." in page
+    assert "A note." in page and "Two steps." in page
+    bad = runner.invoke(main, ["leaderboard", str(tmp_path / "nothing")])
+    assert bad.exit_code == 2
+    assert "no results.json here" in bad.output

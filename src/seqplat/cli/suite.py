@@ -84,4 +84,32 @@ def suite(protocol, cells, seeds, out, overrides, steps, isolate, jobs, dry_run,
         click.echo(f"mlflow parent run: {result.parent_run_id}")
 
 
+@click.command()
+@click.argument("suites", nargs=-1, required=True, metavar="SUITE_DIR...")
+@click.option("--context", default=None, metavar="FILE_OR_URL",
+              help="YAML with the page's intro, each protocol's budget line, the papers' figures and notes.")
+@click.option("--out", default=None, metavar="FILE_OR_URL", help="Write the page here (default: print it).")
+def leaderboard(suites, context, out) -> None:
+    """Merge the reports of several `seqplat suite` runs into one Markdown leaderboard.
+
+    Each SUITE_DIR is the --out folder (or URL) of a suite run, one per protocol.
+
+    \b
+    Examples:
+      seqplat leaderboard leaderboard/* --context docs/leaderboard.yaml --out docs/leaderboard.md
+    """
+    import fsspec
+
+    from seqplat.core.leaderboard import load_context, read_suite, render
+
+    page = render([read_suite(s) for s in suites], load_context(context))
+    if out is None:
+        click.echo(page, nl=False)
+        return
+    with fsspec.open(out, "w") as f:
+        f.write(page)
+    click.echo(f"leaderboard: {out} ({len(suites)} suites)")
+
+
 main.add_command(suite)
+main.add_command(leaderboard)

@@ -618,15 +618,34 @@ def _plots(folder: str, entries: list[SuiteEntry], primary: str, protocol: str) 
     return names
 
 
+def machine() -> str:
+    """One line naming this machine: CPU model and cores (or the GPU), OS and torch version."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, {platform.system()} {platform.release()}, torch {torch.__version__}"
+
+
 def write_report(out: str, markdown: str, entries: list[SuiteEntry], primary: str, protocol: str) -> list[str]:
     """Write ``report.md``, ``results.json`` and ``plots/*.png`` under ``out``; returns their relative paths."""
+    from seqplat.core.tracking import git_commit
+
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(posixpath.join(root, "plots"), exist_ok=True)
     with fs.open(posixpath.join(root, "report.md"), "w") as f:
         f.write(markdown)
     results = [{k: v for k, v in asdict(e).items() if k not in ("history", "wall_curve")} for e in entries]
     with fs.open(posixpath.join(root, "results.json"), "w") as f:
-        json.dump({"protocol": protocol, "primary_metric": primary, "runs": results}, f, indent=1, default=str)
+        json.dump({"protocol": protocol, "primary_metric": primary, "commit": git_commit(), "machine": machine(),
+                   "runs": results}, f, indent=1, default=str)
     files = ["report.md", "results.json"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in _plots(tmp, entries, primary, protocol):
