@@ -30,7 +30,11 @@ authors' input and output dropout.
 
 Two paths: :meth:`GAMRHNCell.step` is the plain reference (one step, unrolled by the core), and
 :meth:`GAMRHNCell.fast_forward` hoists the ``x_t`` parts of ``W_hw``, ``W_r`` and ``W_m`` for all steps
-into one matmul, merges the matrices that read the same vector, and iterates with ``unbind``.
+into one matmul, merges the matrices that read the same vector, holds the memory slot-major (``[b, S, N]``,
+so the grouped softmax runs over a non-last dim, some 10x faster for small S) and, when training, runs
+the loop through :class:`~seqplat.plugins.gam_rhn.fused.GAMRHNRecurrence`, whose hand-written backward
+does one weight-gradient GEMM per matrix over all steps (``explicit_backward = False`` on the cell
+falls back to autograd on the same loop).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from seqplat import StepCell
 from seqplat.core.cell import State
 
 from .config import GAMRHNConfig
+from .fused import GAMRHNRecurrence
 
 
 def grouped_softmax(logits: Tensor, slots: int) -> Tensor:
@@ -126,6 +131,8 @@ class GAMRHNCell(StepCell):
     def __init__(self, input_size: int, config: GAMRHNConfig):
         super().__init__(input_size, config)
         self.config: GAMRHNConfig = config
+        #: train through the hand-written backward of :mod:`.fused` (False: autograd on the fast loop)
+        self.explicit_backward = True
         d_in, d, h = input_size, config.hidden_size, config.head_size
         n, sn = config.groups, config.memory_size
         self.slots = config.slots
@@ -215,29 +222,35 @@ class GAMRHNCell(StepCell):
         # s_{t-1} feeds W_hw, W_r and layer 1's gates: one [D, H+D+2D] matrix
         w_s0 = torch.cat([self.write_head[:, d_in:], self.reset_weight[:, d_in:], first.gate_weight[:, n:]]).t()
         w_m_s = self.value_weight[:, d_in:].t()
-        w_aw = self.write_address.t()
-        b_aw = self.write_address_bias
+        # addresses slot-major (column k*N + g is slot k of group g), so the grouped softmax runs over
+        # dim 1 of [b, S, N]: torch's softmax over a last dim of size S is some 10x slower
+        perm = torch.arange(n * S, device=x.device).view(n, S).t().reshape(-1)
+        w_aw = self.write_address[perm].t()
+        b_aw = self.write_address_bias[perm] if self.write_address_bias is not None else None
         # layers >= 2: s^{l-1} feeds W_h^l and the s-part of W_g^l
         w_hs = [None] + [torch.cat([lay.read_head, lay.gate_weight[:, n:]]).t() for lay in layers[1:]]
         b_hs = [None] + [torch.cat([lay.gate_bias.new_zeros(h), lay.gate_bias]) for lay in layers[1:]]
-        w_a = [lay.read_address.t() for lay in layers]
-        b_a = [lay.read_address_bias for lay in layers]
+        w_a = [lay.read_address[perm].t() for lay in layers]
+        b_a = [lay.read_address_bias[perm] if lay.read_address_bias is not None else None for lay in layers]
         w_gx = [lay.gate_weight[:, :n].t() for lay in layers]
         w_cx = [lay.candidate_weight[:, :n].t() for lay in layers]
         w_cs = [lay.candidate_weight[:, n:].t() for lay in layers]
         b_c = [lay.candidate_bias for lay in layers]
 
-        m = m.reshape(b, n, S)  # the memory as [b, N groups, S slots] inside the loop
+        m = m.reshape(b, n, S).transpose(1, 2).contiguous()  # inside the loop: [b, S slots, N groups]
+        if self.explicit_backward and torch.is_grad_enabled():
+            return self._explicit_backward_forward(xp, m, s, w_s0, w_m_s, w_aw, b_aw, w_hs, b_hs, w_a, b_a,
+                                                   w_gx, w_cx, w_cs, b_c)
         ys = []
         for xp_t in xp.unbind(0):  # unbind keeps the backward linear in t
             pre = torch.addmm(xp_t[:, : h + 3 * d], s, w_s0)
             h_w = pre[:, :h]  # (1)
             logits = h_w @ w_aw if b_aw is None else torch.addmm(b_aw, h_w, w_aw)
-            a_w = torch.softmax(logits.view(b, n, S), dim=-1)  # (2)
+            a_w = torch.softmax(logits.view(b, S, n), dim=1)  # (2)
             r = torch.sigmoid(pre[:, h : h + d])  # (3)
             m_bar = torch.tanh(torch.addmm(xp_t[:, h + 3 * d :], r * s, w_m_s))
             m_bar = _dropout(m_bar, cfg.gam_dropout, self.training)
-            m = torch.lerp(m, m_bar.unsqueeze(-1), a_w)  # (4): m + a (Dup(m_bar) - m)
+            m = torch.lerp(m, m_bar.unsqueeze(1), a_w)  # (4): m + a (Dup(m_bar) - m)
             gate_s = pre[:, h + d :]
             for i in range(len(layers)):  # (5)
                 if i == 0:
@@ -246,14 +259,44 @@ class GAMRHNCell(StepCell):
                     hs = torch.addmm(b_hs[i], s, w_hs[i])
                     h_l, gate_s = hs[:, :h], hs[:, h:]
                 logits = h_l @ w_a[i] if b_a[i] is None else torch.addmm(b_a[i], h_l, w_a[i])
-                xr = (torch.softmax(logits.view(b, n, S), dim=-1) * m).sum(-1)
+                xr = (torch.softmax(logits.view(b, S, n), dim=1) * m).sum(1)
                 r_l, z_l = torch.sigmoid(torch.addmm(gate_s, xr, w_gx[i])).chunk(2, dim=-1)
                 s_hat = torch.tanh(torch.addmm(torch.addmm(b_c[i], xr, w_cx[i]), r_l * s, w_cs[i]))
                 s_hat = _dropout(s_hat, cfg.rhn_dropout, self.training)
                 s = torch.lerp(s_hat, s, z_l)  # z s + (1 - z) s_hat
             ys.append(s)  # (6)
-        m = m.reshape(b, n * S)
-        return torch.stack(ys, dim=1), (m, s)
+        return torch.stack(ys, dim=1), (m.transpose(1, 2).reshape(b, n * S), s)
+
+    def _explicit_backward_forward(self, xp: Tensor, m: Tensor, s: Tensor, w_s0: Tensor, w_m_s: Tensor,
+                                   w_aw: Tensor, b_aw: Tensor | None, w_hs: list, b_hs: list, w_a: list,
+                                   b_a: list, w_gx: list, w_cx: list, w_cs: list,
+                                   b_c: list) -> tuple[Tensor, State]:
+        """The same recurrence through :class:`~.fused.GAMRHNRecurrence` (hand-written backward, one
+        weight-gradient GEMM per matrix). Dropout masks are drawn up front in the reference order."""
+        cfg, S = self.config, self.slots
+        steps, b = xp.shape[0], xp.shape[1]
+        d, n, sn = cfg.hidden_size, cfg.groups, cfg.memory_size
+        draw_g = self.training and cfg.gam_dropout > 0
+        draw_r = self.training and cfg.rhn_dropout > 0
+        mask_g = xp.new_empty(steps, b, n) if draw_g else None
+        mask_r = xp.new_empty(steps, cfg.depth, b, d) if draw_r else None
+        if draw_g or draw_r:
+            ones_g, ones_r = xp.new_ones(b, n), xp.new_ones(b, d)
+            for t in range(steps):
+                if mask_g is not None:
+                    mask_g[t] = F.dropout(ones_g, cfg.gam_dropout, True)
+                if mask_r is not None:
+                    for i in range(cfg.depth):
+                        mask_r[t, i] = F.dropout(ones_r, cfg.rhn_dropout, True)
+        zeros = xp.new_zeros(sn)
+        weights: list[Tensor] = [w_s0, w_m_s, w_aw, zeros if b_aw is None else b_aw]
+        for i in range(cfg.depth):
+            weights += [w_a[i], zeros if b_a[i] is None else b_a[i], w_gx[i], w_cx[i], w_cs[i], b_c[i]]
+            if i >= 1:
+                weights += [w_hs[i], b_hs[i]]
+        dims = (cfg.head_size, d, n, S, cfg.depth)
+        ys, m, s = GAMRHNRecurrence.apply(xp, m, s, mask_g, mask_r, dims, *weights)
+        return ys.transpose(0, 1), (m.transpose(1, 2).reshape(b, n * S), s)
 
     def extra_repr(self) -> str:
         c = self.config
