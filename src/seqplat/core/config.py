@@ -64,6 +64,14 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="momentum (sgd, rmsprop)")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
     eps: float = Field(1e-8, gt=0.0, description="optimizer epsilon")
+    rmsprop_alpha: float = Field(
+        0.99, gt=0.0, lt=1.0, description="rmsprop: smoothing constant of the squared-gradient average "
+        "(torch's default 0.99; TensorFlow 1's `decay` default, used by many papers, is 0.9)"
+    )
+    rmsprop_initial_square_avg: float = Field(
+        0.0, ge=0.0, description="rmsprop: starting value of the squared-gradient average (torch: 0; "
+        "TensorFlow 1: 1.0, which makes the first steps much smaller)"
+    )
     clip_norm: float | None = Field(None, gt=0.0, description="clip the global gradient norm to this value")
     clip_value: float | None = Field(None, gt=0.0, description="clip each gradient element into [-v, v]")
     clip_norm_type: float = Field(2.0, gt=0.0, description="norm for clip_norm (2: L2; 1: L1 as in Suarez RHN)")

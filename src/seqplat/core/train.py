@@ -71,7 +71,28 @@ def make_optimizer(params: Any, cfg: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.RMSprop(params, lr=t.lr, momentum=t.momentum, eps=t.eps, weight_decay=t.weight_decay)
+    opt = torch.optim.RMSprop(params, lr=t.lr, alpha=t.rmsprop_alpha, momentum=t.momentum, eps=t.eps,
+                              weight_decay=t.weight_decay)
+    if t.rmsprop_initial_square_avg:
+        start = t.rmsprop_initial_square_avg
+
+        def fill_state(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            # TensorFlow 1 starts the accumulator at 1.0: create the state torch would create at zero on
+            # a parameter's first step (same keys), on the parameter's device; a resumed state is kept
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    state = optimizer.state[p]
+                    if state:
+                        continue
+                    state["step"] = torch.tensor(0.0)
+                    state["square_avg"] = torch.full_like(p, start, memory_format=torch.preserve_format)
+                    if group["momentum"] > 0:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group["centered"]:
+                        state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+        opt.register_step_pre_hook(fill_state)
+    return opt
 
 
 def lr_at(step: int, cfg: Any, plateau_scale: float) -> float:
