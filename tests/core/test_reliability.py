@@ -307,3 +307,79 @@ def test_trainer_interrupt_marks_lock_released(tiny_run, tmp_path):
     run = tiny_run(steps=3, io={"run_dir": str(tmp_path / "x")})
     Trainer(run, progress=False).fit()
     assert not (tmp_path / "x" / ".lock").exists()
+
+
+def test_new_sqlite_store_opened_by_three_processes_at_once(tmp_path):
+    """Commands started together on a fresh sqlite store all get their run (no table-creation race)."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "mlflow.db"
+    script = (
+        "import sys\n"
+        "from seqplat.core.config import TrackingConfig\n"
+        "from seqplat.core.tracking import Tracker\n"
+        f"t = Tracker(TrackingConfig(tracking_uri='sqlite:///{db}'), active=True)\n"
+        "print(t.start('race', run_name=sys.argv[1]))\n"
+        "t.end()\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, f"r{i}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert len(out.strip().splitlines()[-1]) == 32  # an MLflow run id
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("race")
+    assert exp is not None
+    names = sorted(r.info.run_name for r in client.search_runs([exp.experiment_id]))
+    assert names == ["r0", "r1", "r2"]
+
+
+def test_suite_child_stops_when_the_suite_process_is_killed(tmp_path):
+    """A training child of `seqplat suite` gets SIGTERM when its parent dies, instead of running on orphaned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    marker = tmp_path / "child.pid"
+    child = (
+        "import os, signal, sys, time\n"
+        "from seqplat.core.suite import die_with_parent\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[2], 'w').write('term'), sys.exit(0)))\n"
+        "assert die_with_parent(int(sys.argv[1]))\n"
+        "open(sys.argv[2] + '.ready', 'w').write(str(os.getpid()))\n"
+        "time.sleep(120)\n"
+    )
+    parent = (
+        "import os, subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid()), sys.argv[1]])\n"
+        "time.sleep(120)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", parent, str(marker)])
+    ready = tmp_path / "child.pid.ready"
+    deadline = time.time() + 60
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert ready.exists(), "the child never started"
+    child_pid = int(ready.read_text())
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 30
+    while not (marker.exists() and marker.read_text()) and time.time() < deadline:
+        time.sleep(0.1)  # the handler creates the file, then its text reaches it
+    assert marker.exists() and marker.read_text() == "term"  # the child's SIGTERM handler ran: the trainer's stop path
+    for _ in range(100):
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the orphaned child is still running")

@@ -205,10 +205,14 @@ class _Parent:
     def __init__(self, run: RunConfig, protocol: str, existing: str | None):
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri(run))
+        from seqplat.core.tracking import store_lock
+
+        uri = tracking_uri(run)
         self.experiment = run.tracking.experiment or run.task["name"]
-        exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.experiment)
+        with store_lock(uri):  # another suite or trainer may be creating the same sqlite store right now
+            self.client = MlflowClient(uri)
+            exp = self.client.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.experiment)
         self.run_id: str | None = None
         if existing:
             try:
@@ -429,7 +433,8 @@ def train_isolated(run: RunConfig, resume: str | None = None) -> Any:
         spec = os.path.join(tmp, "spec.json")
         result_path = os.path.join(tmp, "result.json")
         with open(spec, "w", encoding="utf-8") as f:
-            json.dump({"config": run.model_dump(mode="json"), "resume": resume, "result": result_path}, f)
+            json.dump({"config": run.model_dump(mode="json"), "resume": resume, "result": result_path,
+                       "parent_pid": os.getpid()}, f)
         env = dict(os.environ)
         if run.tracking.enabled:
             env["MLFLOW_TRACKING_URI"] = tracking_uri(run)
@@ -455,6 +460,29 @@ def train_isolated(run: RunConfig, resume: str | None = None) -> Any:
     return TrainResult(**data)
 
 
+def die_with_parent(parent_pid: int | None) -> bool:
+    """Have the kernel send this process SIGTERM when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A suite killed with ``kill`` or by a crash would otherwise leave its training children running as
+    orphans, still writing to the suite's folders. SIGTERM takes the trainer's usual stop path: a
+    resumable checkpoint, then exit. Returns False where the platform has no such call (nothing changes).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent_pid is not None and os.getppid() != parent_pid:  # the parent died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 def _child_main(spec_path: str) -> int:
     """Entry point of :func:`train_isolated`'s child process."""
     import torch
@@ -464,6 +492,7 @@ def _child_main(spec_path: str) -> int:
 
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
+    die_with_parent(spec.get("parent_pid"))
     torch.set_num_threads(int(spec["config"]["train"].get("threads") or torch.get_num_threads()))
     try:
         result = train(validate_run(spec["config"]), resume=spec["resume"], progress=False)

@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import fsspec
@@ -47,6 +48,25 @@ def server_problem(uri: str, timeout: float = 5.0) -> str | None:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return f"{type(reason).__name__}: {reason}"
+
+
+def store_lock(uri: str | None) -> AbstractContextManager[Any]:
+    """A lock shared by every process that opens the same local sqlite store.
+
+    Two commands started at once on a new ``sqlite:///`` file both try to create MLflow's tables and one
+    fails ("table alembic_version already exists"); creating the experiment races the same way. Holding
+    ``<file>.lock`` while a store is first opened and the run created serialises exactly that part.
+    Other stores (files, servers) need no lock: a null context.
+    """
+    if not uri or not uri.startswith("sqlite:///"):
+        return nullcontext()
+    from filelock import FileLock
+
+    path = uri[len("sqlite:///"):]
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return nullcontext()  # MLflow reports the missing folder itself, with the URI
+    return FileLock(os.path.abspath(path) + ".lock", timeout=300)
 
 
 def git_commit() -> str | None:
@@ -96,12 +116,13 @@ class Tracker:
         if uri:
             mlflow.set_tracking_uri(uri)
         try:
-            exp = mlflow.get_experiment_by_name(experiment)
-            self.experiment_id = exp.experiment_id if exp is not None else mlflow.create_experiment(experiment)
-            if resume_run_id:
-                run = mlflow.start_run(run_id=resume_run_id)
-            else:
-                run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags or {})
+            with store_lock(mlflow.get_tracking_uri()):
+                exp = mlflow.get_experiment_by_name(experiment)
+                self.experiment_id = exp.experiment_id if exp is not None else mlflow.create_experiment(experiment)
+                if resume_run_id:
+                    run = mlflow.start_run(run_id=resume_run_id)
+                else:
+                    run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags or {})
         except Exception as exc:  # noqa: BLE001 - any store failure at start is a user-facing error
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SeqplatError(
