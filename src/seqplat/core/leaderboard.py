@@ -175,7 +175,7 @@ def render(reports: list[SuiteReport], context: dict[str, Any], registry: Any | 
         lines += [f"## `{name}`", ""]
         if meta.get("budget"):
             lines += [str(meta["budget"]).strip(), ""]
-        command = f"seqplat suite --protocol {name} --jobs 2 --set train.threads=1 --out leaderboard/{name}"
+        command = f"seqplat suite --protocol {name} --jobs 2 --set train.threads=1 --out docs/leaderboard/{name}"
         if rep is None:
             lines += ["Not yet measured. Command: `" + command + "`", ""]
         else:
