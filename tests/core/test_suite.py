@@ -117,6 +117,16 @@ def test_suite_runs_three_cells_nested_reports_and_resumes(tiny_protocol, tmp_pa
     assert resumed["status"] == "finished" and resumed["run_id"] == state["entries"][key]["run_id"]
     assert len(client.search_runs([parent.info.experiment_id], "")) == 7
 
+    # a rerun that names fewer cells reuses the parent; its different `cells` value cannot overwrite the
+    # write-once MLflow param (which made the rerun fail), so it is kept as a tag; the report lists those cells
+    fewer = runner.invoke(main, [*args, "--cells", "rnn"])
+    assert fewer.exit_code == 0, fewer.output
+    assert [r["recipe"] for r in json.loads(fewer.stdout)["runs"]] == ["baselines/tinyp"] * 2 + ["tinyq/tinyp_rnn"] * 2
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.params["cells"] == "baselines/tinyp,tinyq/tinyp,tinyq/tinyp_rnn"
+    assert parent.data.tags["seqplat.suite.latest.cells"] == "baselines/tinyp,tinyq/tinyp_rnn"
+    assert "`tinyq/tinyp` |" not in (out / "report.md").read_text()
+
 
 def test_suite_dry_run_and_bad_seeds(tiny_protocol):
     runner = CliRunner()

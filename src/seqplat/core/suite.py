@@ -237,8 +237,13 @@ class _Parent:
         return [[(m.timestamp - start) / 1000.0, m.value] for m in sorted(hist, key=lambda m: m.step)]
 
     def finish(self, folder: str, params: dict[str, str], metrics: dict[str, float], status: str) -> None:
+        logged = self.client.get_run(self.run_id).data.params
         for k, v in params.items():
-            self.client.log_param(self.run_id, k, v[:6000])
+            v = v[:6000]
+            if k not in logged:
+                self.client.log_param(self.run_id, k, v)
+            elif logged[k] != v:  # MLflow params are write-once: a rerun with other --cells/--seeds goes to a tag
+                self.client.set_tag(self.run_id, f"seqplat.suite.latest.{k}", v)
         for k, v in metrics.items():
             if math.isfinite(v):
                 self.client.log_metric(self.run_id, k, v)
