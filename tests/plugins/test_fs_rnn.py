@@ -100,10 +100,16 @@ def test_plugin_is_installed():
     assert {f"fs_rnn/{r}" for r in RECIPES} <= set(reg.names("recipe"))
 
 
+# float32 fast-vs-reference tolerance for layer-normalised cells: normalising a 2-4 unit layer divides by a
+# small std, so the two summation orders (hoisted input projections vs per step) differ by up to ~2e-5 in
+# weight gradients (seen once on a 2-core CI machine); exact agreement is checked in float64 by gradcheck_cell.
+LN_TOL = {"atol": 1e-4, "rtol": 1e-3}
+
+
 @pytest.mark.parametrize("spec", [ln(4), ln(4, **PTB), ln(3, pre_ln_bias=False, forget_bias=0.0)],
                          ids=["plain", "zoneout", "no_bias"])
 def test_ln_lstm_conformance(spec):
-    check_cell(spec)
+    check_cell(spec, **LN_TOL)
     gradcheck_cell(spec)
 
 
@@ -113,12 +119,12 @@ def test_ln_lstm_conformance(spec):
     fs_spec(3, {"name": "gru", "hidden_size": 2}, {"name": "lstm", "hidden_size": 2}),
 ], ids=["ln_lstm_k3", "ln_lstm_no_input_matrix", "gru_fast_lstm_slow"])
 def test_fs_rnn_conformance(spec):
-    check_cell(spec)
+    check_cell(spec, **LN_TOL)
     gradcheck_cell(spec)
 
 
 def test_fs_rnn_conformance_with_dropout_configured():
-    check_cell(fs_spec(2, dropout=0.3))  # eval mode: dropout off, paths agree
+    check_cell(fs_spec(2, dropout=0.3), **LN_TOL)  # eval mode: dropout off, paths agree
 
 
 # -- spec 5.1: order of updates ----------------------------------------------------------------------
