@@ -84,7 +84,7 @@ class _SavedBytes:
                 self.seen.add(key)
                 self.bytes += t.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):
-            pass
+            pass  # tensors without a plain storage (e.g. some wrapper subclasses) are not counted
         return t
 
 

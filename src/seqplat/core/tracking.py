@@ -62,11 +62,10 @@ def store_lock(uri: str | None) -> AbstractContextManager[Any]:
         return nullcontext()
     from filelock import FileLock
 
-    path = uri[len("sqlite:///"):]
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
+    path = os.path.abspath(uri[len("sqlite:///"):])
+    if not os.path.isdir(os.path.dirname(path)):
         return nullcontext()  # MLflow reports the missing folder itself, with the URI
-    return FileLock(os.path.abspath(path) + ".lock", timeout=300)
+    return FileLock(path + ".lock", timeout=300)
 
 
 def git_commit() -> str | None:
