@@ -78,6 +78,13 @@ def test_suite_runs_three_cells_nested_reports_and_resumes(tiny_protocol, tmp_pa
         assert f"`seqplat train --recipe {recipe} --set train.seed=0`" in report
     assert "valid loss" in report and "test loss" in report
     assert "Memoryless baseline (loss): 0.8318." in report  # 10 ln 8 / (5 + 20)
+    # each run records the commit it trained at; the report counts them (a rerun may mix commits)
+    from seqplat.core.tracking import git_commit
+
+    commit = git_commit()
+    assert [r["commit"] for r in json.loads((out / "results.json").read_text())["runs"]] == [commit] * 6
+    if commit:
+        assert f"Runs trained at: {commit[:10]} (6 runs)." in report
 
     # plots are real PNGs
     for name in ("metric_vs_step", "metric_vs_wallclock", "tokens_per_s"):
@@ -204,6 +211,15 @@ def test_leaderboard_merges_suite_reports(tiny_protocol, tmp_path):
     assert " ± " in lines[1]  # two seeds: mean ± spread
     assert "not in this suite run (not yet measured): `tinyq/tinyp_rnn`." in page
     assert "A note." in page and "Two steps." in page
+
+    # runs trained at different commits (a suite resumed after an upgrade): the table names each
+    results["runs"] = [dict(r, commit=c) for r, c in zip(results["runs"], ["a" * 40, "a" * 40, "b" * 40, "b" * 40])]
+    (out / "results.json").write_text(json.dumps(results))
+    res = runner.invoke(main, ["leaderboard", str(out), "--context", str(ctx), "--out", str(page_path)])
+    assert res.exit_code == 0, res.output
+    row = next(ln for ln in page_path.read_text().splitlines() if ln.startswith("| [`tinyp`]"))
+    assert "| aaaaaaaaaa (2 runs), bbbbbbbbbb (2 runs) |" in row
+    assert "Runs trained" not in row  # the written column stops at the report's timestamp
     bad = runner.invoke(main, ["leaderboard", str(tmp_path / "nothing")])
     assert bad.exit_code == 2
     assert "no results.json here" in bad.output

@@ -50,6 +50,19 @@ class SuiteReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _commits(rep: SuiteReport) -> str:
+    """The commits the runs trained at (``abc (3), def (1)``), else the commit the report was written at."""
+    counts: dict[str, int] = {}
+    for run in rep.runs:
+        if run.get("status") == "finished" and run.get("commit"):
+            counts[str(run["commit"])[:10]] = counts.get(str(run["commit"])[:10], 0) + 1
+    if not counts:
+        return (rep.commit or "unknown")[:10]
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{c} ({n} runs)" if n != 1 else f"{c} (1 run)" for c, n in counts.items())
+
+
 def read_suite(url: str) -> SuiteReport:
     """Read ``results.json`` (and the commit line of ``report.md``) of one suite folder."""
     fs, root = fsspec.core.url_to_fs(url.rstrip("/"))
@@ -67,7 +80,7 @@ def read_suite(url: str) -> SuiteReport:
     if fs.exists(md_path):
         with fs.open(md_path, "r") as f:
             md = f.read()
-        m = re.search(r"^Commit: ([0-9a-f]{7,40}|unknown)\. Written ([^\n]*?)\.?$", md, flags=re.M)
+        m = re.search(r"^Commit: ([0-9a-f]{7,40}|unknown)\. Written ([^.\n]*)", md, flags=re.M)
         if m:
             report.commit = report.commit or (m.group(1) if m.group(1) != "unknown" else None)
             report.written = m.group(2)
@@ -166,7 +179,7 @@ def render(reports: list[SuiteReport], context: dict[str, Any], registry: Any | 
             lines.append(f"| [`{name}`](#{name}) | not yet measured | - | - | - |")
         else:
             machine = rep.machine or context.get("machine") or "not recorded"
-            lines.append(f"| [`{name}`](#{name}) | {len(rep.runs)} runs | {(rep.commit or 'unknown')[:10]} "
+            lines.append(f"| [`{name}`](#{name}) | {len(rep.runs)} runs | {_commits(rep)} "
                          f"| {rep.written or '-'} | {machine}{'; ' + rep.shared if rep.shared else ''} |")
     lines.append("")
     for name in names:

@@ -71,6 +71,7 @@ class SuiteEntry:
     wall_time_s: float | None = None
     steps: int | None = None
     command: str = ""
+    commit: str | None = None  # git commit of the code the run trained with (None: unknown)
     history: dict[str, list[list[float]]] = field(default_factory=dict)
     wall_curve: list[list[float]] = field(default_factory=list)  # [[seconds since start, primary valid]]
     error: str | None = None
@@ -236,6 +237,13 @@ class _Parent:
         hist = self.client.get_metric_history(child_id, key)
         return [[(m.timestamp - start) / 1000.0, m.value] for m in sorted(hist, key=lambda m: m.step)]
 
+    def run_commit(self, child_id: str) -> str | None:
+        """The git commit a child run recorded (``mlflow.source.git.commit``), or None."""
+        try:
+            return self.client.get_run(child_id).data.tags.get("mlflow.source.git.commit")
+        except Exception:  # a run deleted from the store: the commit stays unknown
+            return None
+
     def finish(self, folder: str, params: dict[str, str], metrics: dict[str, float], status: str) -> None:
         logged = self.client.get_run(self.run_id).data.params
         for k, v in params.items():
@@ -369,6 +377,9 @@ def run_suite(
         entry.valid_metrics, entry.test_metrics = result.valid_metrics, result.test_metrics
         entry.train_tokens_per_s, entry.peak_memory_mb = result.train_tokens_per_s, result.peak_memory_mb
         entry.wall_time_s, entry.steps, entry.history = result.wall_time_s, result.steps, result.history
+        from seqplat.core.tracking import git_commit
+
+        entry.commit = git_commit()  # the child ran this checkout's code
         if parent is not None and result.run_id:
             with lock:
                 parent.adopt(result.run_id)
@@ -405,6 +416,12 @@ def run_suite(
 
     entries = [_entry_from(state["entries"][entry_key(c.recipe, s)]) for c, s in todo
                if entry_key(c.recipe, s) in state["entries"]]
+    if parent is not None:  # runs finished before entries recorded their commit: ask MLflow
+        for e in entries:
+            if e.status == "finished" and e.commit is None and e.run_id:
+                e.commit = parent.run_commit(e.run_id)
+                if e.commit:
+                    save(e.key, e)
     primary, mode, baseline = _protocol_meta(first, reg)
     md = report_markdown(protocol, entries, primary, mode, baseline, seeds, isolate, jobs)
     files = write_report(out, md, entries, primary, protocol)
@@ -550,6 +567,19 @@ def _mean_spread(values: list[float], digits: int) -> str:
     return f"{statistics.fmean(values):,.{digits}f} ± {statistics.stdev(values):,.{digits}f}"
 
 
+def _trained_at(entries: list[SuiteEntry]) -> str:
+    """`` Runs trained at: <commit> (n runs), ...`` when any finished run recorded its commit."""
+    counts: dict[str, int] = {}
+    for e in entries:
+        if e.status == "finished":
+            key = e.commit[:10] if e.commit else "unknown"
+            counts[key] = counts.get(key, 0) + 1
+    if not counts or set(counts) == {"unknown"}:
+        return ""
+    parts = [f"{c} ({n} run{'s' if n != 1 else ''})" for c, n in counts.items()]
+    return " Runs trained at: " + ", ".join(parts) + "."
+
+
 def report_markdown(protocol: str, entries: list[SuiteEntry], primary: str, mode: str,
                     baseline: float | None, seeds: Sequence[int], isolate: bool = False, jobs: int = 1) -> str:
     """The suite's Markdown report: a summary over seeds per recipe and one row per run."""
@@ -562,7 +592,8 @@ def report_markdown(protocol: str, entries: list[SuiteEntry], primary: str, mode
         + (" (mean ± sample standard deviation over seeds)." if len(seeds) > 1 else " (one seed: no spread)."),
         f"Memoryless baseline ({primary}): {baseline:.4f}." if baseline is not None
         else "Memoryless baseline: the task defines none.",
-        f"Commit: {git_commit() or 'unknown'}. Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", "",
+        f"Commit: {git_commit() or 'unknown'}. Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."
+        + _trained_at(entries), "",
         "## Summary", "",
         f"| cell | recipe | params | valid {primary} | test {primary} | tokens/s | peak memory (MB) | wall time (s) "
         f"| seeds |",
