@@ -213,7 +213,8 @@ def test_leaderboard_merges_suite_reports(tiny_protocol, tmp_path):
     assert "A note." in page and "Two steps." in page
 
     # runs trained at different commits (a suite resumed after an upgrade): the table names each
-    results["runs"] = [dict(r, commit=c) for r, c in zip(results["runs"], ["a" * 40, "a" * 40, "b" * 40, "b" * 40])]
+    commits = ["a" * 40, "a" * 40, "b" * 40, "b" * 40]
+    results["runs"] = [dict(r, commit=c) for r, c in zip(results["runs"], commits, strict=True)]
     (out / "results.json").write_text(json.dumps(results))
     res = runner.invoke(main, ["leaderboard", str(out), "--context", str(ctx), "--out", str(page_path)])
     assert res.exit_code == 0, res.output
