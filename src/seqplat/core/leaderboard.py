@@ -24,6 +24,7 @@ import json
 import posixpath
 import re
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,17 +51,26 @@ class SuiteReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _commits(rep: SuiteReport) -> str:
-    """The commits the runs trained at (``abc (3), def (1)``), else the commit the report was written at."""
+def count_commits(commits: Iterable[str | None]) -> dict[str, int]:
+    """Runs per commit (its first 10 hex digits; ``unknown`` for a run that recorded none), first seen first."""
     counts: dict[str, int] = {}
-    for run in rep.runs:
-        if run.get("status") == "finished" and run.get("commit"):
-            counts[str(run["commit"])[:10]] = counts.get(str(run["commit"])[:10], 0) + 1
+    for c in commits:
+        key = c[:10] if c else "unknown"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def format_commit_counts(counts: dict[str, int]) -> str:
+    """``abc (3 runs), def (1 run)``."""
+    return ", ".join(f"{c} ({n} run{'s' if n != 1 else ''})" for c, n in counts.items())
+
+
+def _commits(rep: SuiteReport) -> str:
+    """The commits the runs trained at (``abc (3 runs), def (1 run)``), else the commit the report was written at."""
+    counts = count_commits(str(r["commit"]) for r in rep.runs if r.get("status") == "finished" and r.get("commit"))
     if not counts:
         return (rep.commit or "unknown")[:10]
-    if len(counts) == 1:
-        return next(iter(counts))
-    return ", ".join(f"{c} ({n} runs)" if n != 1 else f"{c} (1 run)" for c, n in counts.items())
+    return next(iter(counts)) if len(counts) == 1 else format_commit_counts(counts)
 
 
 def read_suite(url: str) -> SuiteReport:

@@ -336,6 +336,9 @@ def run_suite(
     bar = tqdm(total=len(todo), initial=len(done), desc=f"suite {protocol}", disable=not progress,
                dynamic_ncols=True, unit="run")
     lock = threading.Lock()
+    from seqplat.core.tracking import git_commit
+
+    code_commit = git_commit()  # once: every run of this invocation trains this checkout's code
 
     def save(key: str, entry: SuiteEntry) -> None:
         with lock:
@@ -377,9 +380,7 @@ def run_suite(
         entry.valid_metrics, entry.test_metrics = result.valid_metrics, result.test_metrics
         entry.train_tokens_per_s, entry.peak_memory_mb = result.train_tokens_per_s, result.peak_memory_mb
         entry.wall_time_s, entry.steps, entry.history = result.wall_time_s, result.steps, result.history
-        from seqplat.core.tracking import git_commit
-
-        entry.commit = git_commit()  # the child ran this checkout's code
+        entry.commit = code_commit  # the child ran this checkout's code
         if parent is not None and result.run_id:
             with lock:
                 parent.adopt(result.run_id)
@@ -569,15 +570,12 @@ def _mean_spread(values: list[float], digits: int) -> str:
 
 def _trained_at(entries: list[SuiteEntry]) -> str:
     """`` Runs trained at: <commit> (n runs), ...`` when any finished run recorded its commit."""
-    counts: dict[str, int] = {}
-    for e in entries:
-        if e.status == "finished":
-            key = e.commit[:10] if e.commit else "unknown"
-            counts[key] = counts.get(key, 0) + 1
+    from seqplat.core.leaderboard import count_commits, format_commit_counts
+
+    counts = count_commits(e.commit for e in entries if e.status == "finished")
     if not counts or set(counts) == {"unknown"}:
         return ""
-    parts = [f"{c} ({n} run{'s' if n != 1 else ''})" for c, n in counts.items()]
-    return " Runs trained at: " + ", ".join(parts) + "."
+    return " Runs trained at: " + format_commit_counts(counts) + "."
 
 
 def report_markdown(protocol: str, entries: list[SuiteEntry], primary: str, mode: str,
