@@ -386,3 +386,32 @@ def test_suite_child_stops_when_the_suite_process_is_killed(tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail("the orphaned child is still running")
+
+
+def test_model_larger_than_free_memory_is_refused_before_allocating(monkeypatch):
+    """A hidden size typo must not ask the allocator for tens of GB (the OS would kill the process)."""
+    import seqplat.core.model as model_module
+
+    result = CliRunner().invoke(main, ["config", "show", "--plugin", "baselines", "--set", "cell.hidden_size=500000"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Error: cell.hidden_size") and "GiB of memory free" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+    # the same check with a small model and a machine said to have 1 MB free
+    monkeypatch.setattr(model_module, "available_memory_bytes", lambda: 2**20)
+    result = CliRunner().invoke(main, ["config", "show", "--plugin", "baselines", "--set", "cell.hidden_size=256"])
+    assert result.exit_code == 2 and "more than the 0.0 GiB of memory free" in result.output
+
+
+def test_memory_check_does_not_change_seeded_initialisation(monkeypatch):
+    import seqplat.core.model as model_module
+    from seqplat import build_model, build_run_config
+
+    run = build_run_config(plugin="gam_rhn")
+    torch.manual_seed(0)
+    checked = build_model(run)
+    monkeypatch.setattr(model_module, "available_memory_bytes", lambda: None)
+    torch.manual_seed(0)
+    unchecked = build_model(run)
+    for (name, a), (_, b) in zip(checked.state_dict().items(), unchecked.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

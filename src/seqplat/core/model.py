@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from seqplat.core.cell import Cell, State
 from seqplat.core.config import ModelConfig, RunConfig, component_config
-from seqplat.core.errors import ConfigError
+from seqplat.core.errors import ConfigError, SeqplatError
 from seqplat.core.task import Task
 
 
@@ -98,6 +98,7 @@ class SequenceModel(nn.Module):
 def build_model(run: RunConfig, task: Task | None = None, registry: Any | None = None) -> SequenceModel:
     """Build the model a run config describes (on CPU, seeded by the caller)."""
     task = task or build_task(run.task, registry)
+    _check_parameters_fit(run, task, registry)
     model = SequenceModel(task, run.cell, run.model, registry)
     from seqplat.core.quantize import apply_quantizer
     from seqplat.core.regularize import apply_regularizers
@@ -106,6 +107,49 @@ def build_model(run: RunConfig, task: Task | None = None, registry: Any | None =
     if run.quantizer is not None:
         apply_quantizer(model, run.quantizer, registry)
     return model
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the OS can give this process now (Linux ``MemAvailable``; total RAM elsewhere), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_parameters_fit(run: RunConfig, task: Task, registry: Any | None) -> None:
+    """Refuse a model whose parameters alone exceed the free memory, before allocating anything.
+
+    The model is first built on the ``meta`` device (shapes, no storage). Without this, a typo like
+    ``cell.hidden_size=40000`` asks the allocator for tens of GB and the OS kills the process.
+    """
+    available = available_memory_bytes()
+    if available is None:
+        return
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            meta = SequenceModel(task, run.cell, run.model, registry)
+    except SeqplatError:
+        raise
+    except Exception:  # a cell that cannot be built on the meta device is left to the real build
+        return
+    tensors = {id(t): t for t in [*meta.parameters(), *meta.buffers()]}
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    if need > available:
+        raise ConfigError(
+            f"cell.hidden_size / model.num_layers / model.embedding_size: the model would have "
+            f"{count_parameters(meta):,} parameters ({need / 2**30:.1f} GiB), more than the "
+            f"{available / 2**30:.1f} GiB of memory free; use smaller sizes"
+        )
 
 
 def count_parameters(model: nn.Module) -> int:
