@@ -286,12 +286,15 @@ def bench(plugin, recipe, config_files, overrides, hidden, batch, time_steps, in
                     r = bench_cell(s, size, b, t, input_size, threads, repeats, warmup, peak=peak)
                     results.append(r.as_dict())
                     if not as_json:
+                        # at B=1 (streaming) the time of one inference step is the figure that matters
+                        step = (f"  infer step {r.infer_step_us_per_token_row:,.1f} us "
+                                f"(LSTM {r.lstm_infer_step_us_per_token_row:,.1f} us)") if r.batch == 1 else ""
                         click.echo(
                             f"{r.name:<14} H={r.hidden:<5} B={r.batch:<4} T={r.time:<5} thr={r.threads} "
                             f"train {r.train_tokens_per_s:>10,.0f} tok/s ({r.train_ratio_vs_lstm:.2f}x LSTM)  "
                             f"infer {r.infer_tokens_per_s:>10,.0f} tok/s ({r.infer_ratio_vs_lstm:.2f}x)  "
                             f"{r.gflops_train:6.1f} GFLOP/s ({r.flop_rate_ratio_vs_lstm:.2f}x LSTM, "
-                            f"peak {r.matmul_peak_gflops:.0f})  saved {r.saved_mb:.1f} MB"
+                            f"peak {r.matmul_peak_gflops:.0f})  saved {r.saved_mb:.1f} MB{step}"
                         )
     if as_json:
         echo_json(results)

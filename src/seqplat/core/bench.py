@@ -44,6 +44,7 @@ class BenchResult:
     lstm_train_tokens_per_s: float = 0.0
     lstm_infer_tokens_per_s: float = 0.0
     lstm_gflops_train: float = 0.0
+    lstm_infer_step_us_per_token_row: float = 0.0
     train_ratio_vs_lstm: float = 0.0
     infer_ratio_vs_lstm: float = 0.0
     flop_rate_ratio_vs_lstm: float = 0.0
@@ -169,6 +170,7 @@ def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: i
             ml = _measure(lstm, x, repeats, warmup, None)
         res.lstm_train_tokens_per_s, res.lstm_infer_tokens_per_s = ml["train_tps"], ml["infer_tps"]
         res.lstm_gflops_train = ml["gflops"]
+        res.lstm_infer_step_us_per_token_row = ml["infer_s"] / time_steps * 1e6
         res.train_ratio_vs_lstm = res.train_tokens_per_s / ml["train_tps"]
         res.infer_ratio_vs_lstm = res.infer_tokens_per_s / ml["infer_tps"]
         res.flop_rate_ratio_vs_lstm = res.gflops_train / max(ml["gflops"], 1e-12)
