@@ -36,3 +36,18 @@ def test_bench_text_shows_per_step_time_at_batch_one():
     b1, b2 = result.output.strip().splitlines()
     assert "B=1 " in b1 and "infer step" in b1 and "us (LSTM" in b1
     assert "B=2 " in b2 and "infer step" not in b2
+
+
+def test_bench_reference_times_the_plain_path_and_counts_the_same_flops():
+    args = ["bench", "--set", "cell.name=lstm", "--batch", "4", *TINY, "--json"]
+    fast, ref = (json.loads(CliRunner().invoke(main, a).output)[0] for a in (args, [*args, "--reference"]))
+    assert fast["name"] == "lstm" and ref["name"] == "lstm (reference)"
+    # FLOPs are always counted on the reference path, so the two runs count the same model
+    assert ref["flops_per_token_train"] == pytest.approx(fast["flops_per_token_train"])
+    assert ref["train_tokens_per_s"] > 0 and ref["train_ratio_vs_lstm"] > 0
+    # and the fused LSTM, opaque to the counter, is charged what the counter finds in that same path:
+    # 2*4H(2D+3H) per token, less the state gradient of the first step (the initial state needs none)
+    h, d, t = 16, 8, 6
+    lstm_flops = fast["lstm_gflops_train"] * 1e9 / fast["lstm_train_tokens_per_s"]
+    assert lstm_flops == pytest.approx(2 * 4 * h * (2 * d + 3 * h))
+    assert ref["flops_per_token_train"] == pytest.approx(lstm_flops - 2 * 4 * h * h / t)

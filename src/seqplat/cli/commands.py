@@ -241,10 +241,12 @@ def config_schema(cell: str | None, task: str | None) -> None:
 @click.option("--warmup", type=int, default=2, show_default=True)
 @click.option("--all", "all_cells", is_flag=True,
               help="Every installed cell at H in {256,1024}, B in {32,128}, T in {100,1000} (unless given).")
+@click.option("--reference", is_flag=True,
+              help="Time the cells' plain PyTorch reference paths (fast paths off), e.g. seqplat's own LSTM.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--mlflow", "log_mlflow", is_flag=True, help="Also log the results as an MLflow run.")
 def bench(plugin, recipe, config_files, overrides, hidden, batch, time_steps, input_size, threads, repeats, warmup,
-          all_cells, as_json, log_mlflow) -> None:
+          all_cells, reference, as_json, log_mlflow) -> None:
     """Train/inference tokens/s, FLOPs and memory of a cell, beside torch's fused LSTM, as ratios.
 
     \b
@@ -252,6 +254,7 @@ def bench(plugin, recipe, config_files, overrides, hidden, batch, time_steps, in
       seqplat bench --set cell.name=gru --hidden 256 --hidden 1024
       seqplat bench --recipe gam_rhn/ptb_char_1m --batch 32 --batch 128
       seqplat bench --all --json > bench.json
+      seqplat bench --set cell.name=lstm --reference --batch 1
     """
     from seqplat.core.bench import bench_cell, matmul_peak_gflops, with_hidden
     from seqplat.registry import get_registry
@@ -283,7 +286,8 @@ def bench(plugin, recipe, config_files, overrides, hidden, batch, time_steps, in
             size = int(s.get("hidden_size") or h or 0)
             for b in batch:
                 for t in time_steps:
-                    r = bench_cell(s, size, b, t, input_size, threads, repeats, warmup, peak=peak)
+                    r = bench_cell(s, size, b, t, input_size, threads, repeats, warmup, peak=peak,
+                                   reference=reference)
                     results.append(r.as_dict())
                     if not as_json:
                         # at B=1 (streaming) the time of one inference step is the figure that matters

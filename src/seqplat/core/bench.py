@@ -89,6 +89,14 @@ class _SavedBytes:
         return t
 
 
+def set_fast_path(module: nn.Module, on: bool) -> dict[nn.Module, bool]:
+    """Switch the fast path of ``module`` and every cell inside it; returns the previous settings."""
+    before = {m: m.use_fast_path for m in module.modules() if hasattr(m, "use_fast_path")}
+    for m in before:
+        m.use_fast_path = on
+    return before
+
+
 def _measure(module: nn.Module, x: torch.Tensor, repeats: int, warmup: int, times: torch.Tensor | None) -> dict:
     b, t, _ = x.shape
     module.train()
@@ -114,21 +122,23 @@ def _measure(module: nn.Module, x: torch.Tensor, repeats: int, warmup: int, time
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    fast = getattr(module, "use_fast_path", None)
-    if fast is not None:  # model FLOPs are counted on the reference path: fused kernels hide their matmuls
-        module.use_fast_path = False
+    # model FLOPs are counted on the reference path (inner cells of wrappers included): fused kernels
+    # hide their matmuls from the counter
+    before = set_fast_path(module, False)
     try:
         with counter:
             train_step()
     finally:
-        if fast is not None:
-            module.use_fast_path = fast
+        for m, on in before.items():
+            m.use_fast_path = on
     flops = counter.get_total_flops()
     if isinstance(module, nn.LSTM) and flops < b * t:
-        # the fused kernel is opaque to the counter: count its matmuls (forward 2*4H(D+H) per token,
-        # backward twice that), as cuDNN/oneDNN perform them
+        # the fused kernel is opaque to the counter: count the matmuls the counter finds in the
+        # reference path of the same LSTM, so both sides of every ratio count the same model. Per token:
+        # forward 2*4H(D+H); backward the two weight gradients 2*4H(D+H) and the state gradient 2*4H*H
+        # (the benchmark input needs no gradient, so there is no 2*4H*D for it)
         h, d = module.hidden_size, module.input_size
-        flops = 3 * 2 * 4 * h * (d + h) * b * t
+        flops = 2 * 4 * h * (2 * d + 3 * h) * b * t
     saved = _SavedBytes()
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda p: p):
         y = fwd()
@@ -141,12 +151,17 @@ def _measure(module: nn.Module, x: torch.Tensor, repeats: int, warmup: int, time
 
 def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: int = 100, input_size: int = 128,
                threads: int | None = None, repeats: int = 5, warmup: int = 2, with_lstm: bool = True,
-               peak: float | None = None, registry: Any | None = None) -> BenchResult:
-    """Benchmark one cell spec at one shape (and fused LSTM at the same shape)."""
+               peak: float | None = None, registry: Any | None = None, reference: bool = False) -> BenchResult:
+    """Benchmark one cell spec at one shape (and fused LSTM at the same shape).
+
+    ``reference`` times the cell's plain PyTorch path (its fast path and those of its inner cells off).
+    """
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     cell = build_cell(spec, input_size, registry)
+    if reference:
+        set_fast_path(cell, False)
     x = torch.randn(batch, time_steps, input_size)
     times = torch.arange(time_steps, dtype=torch.float32).expand(batch, time_steps).contiguous() \
         if cell.uses_time else None
@@ -155,7 +170,8 @@ def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: i
     with flush_denormal():  # as in training
         m = _measure(cell, x, repeats, warmup, times)
     res = BenchResult(
-        name=spec["name"], hidden=hidden, batch=batch, time=time_steps, input_size=input_size,
+        name=spec["name"] + (" (reference)" if reference else ""),
+        hidden=hidden, batch=batch, time=time_steps, input_size=input_size,
         threads=torch.get_num_threads(), train_tokens_per_s=m["train_tps"], infer_tokens_per_s=m["infer_tps"],
         train_step_ms=m["train_s"] * 1e3, infer_step_us_per_token_row=m["infer_s"] / time_steps * 1e6,
         flops_per_token_train=m["flops_per_token"], gflops_train=m["gflops"], saved_mb=m["saved_mb"],
