@@ -51,3 +51,11 @@ def test_bench_reference_times_the_plain_path_and_counts_the_same_flops():
     lstm_flops = fast["lstm_gflops_train"] * 1e9 / fast["lstm_train_tokens_per_s"]
     assert lstm_flops == pytest.approx(2 * 4 * h * (2 * d + 3 * h))
     assert ref["flops_per_token_train"] == pytest.approx(lstm_flops - 2 * 4 * h * h / t)
+
+
+def test_bench_applies_the_recipe_quantizer_to_the_cell():
+    result = CliRunner().invoke(main, ["bench", "--set", "cell.name=lstm", "--set", "quantizer.name=ternary",
+                                       "--batch", "2", *TINY, "--json"])
+    assert result.exit_code == 0, result.output
+    (r,) = json.loads(result.output)
+    assert r["name"] == "lstm+ternary" and r["train_ratio_vs_lstm"] > 0

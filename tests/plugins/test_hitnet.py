@@ -360,6 +360,28 @@ def test_weight_only_quantization_keeps_the_fused_kernel_and_matches_reference(n
     assert torch.equal(plain(x)[0], y_fast)
 
 
+def test_evaluation_reuses_quantized_weights_until_the_latent_weights_change():
+    """Serving (eval, no grad) quantizes each weight once, not once per call; an in-place update (an
+    optimizer step, a checkpoint load) or training mode quantizes afresh."""
+    torch.manual_seed(0)
+    cell = build_cell({"name": "lstm", "hidden_size": 6}, 3)
+    TernaryQuantizer(TernaryConfig()).apply(cell)
+    x = torch.randn(2, 5, 3)
+    cell.eval()
+    with torch.no_grad():
+        first, y1 = cell.rnn.weight_hh_l0, cell(x)[0]
+        assert cell.rnn.weight_hh_l0 is first and torch.equal(cell(x)[0], y1)
+        latent(cell.rnn, "weight_hh_l0").mul_(-1.0)
+        flipped = cell.rnn.weight_hh_l0
+        assert flipped is not first and torch.equal(flipped, -first)
+        assert not torch.equal(cell(x)[0], y1)
+    with torch.no_grad():  # training mode is never cached across calls (Bernoulli weights redraw)
+        cell.train()
+        assert cell.rnn.weight_hh_l0 is not cell.rnn.weight_hh_l0
+    cell.eval()  # with a graph, every call builds its own (gradients must reach the latent weights)
+    assert cell.rnn.weight_hh_l0 is not cell.rnn.weight_hh_l0
+
+
 @pytest.mark.parametrize("weights,bits,levels", [("uniform", 2, 4), ("uniform", 3, 8), ("binary", 1, 2),
                                                  ("bernoulli", 2, 3)])
 def test_other_weight_quantizers_take_their_levels(weights, bits, levels):

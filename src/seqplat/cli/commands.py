@@ -255,6 +255,7 @@ def bench(plugin, recipe, config_files, overrides, hidden, batch, time_steps, in
       seqplat bench --recipe gam_rhn/ptb_char_1m --batch 32 --batch 128
       seqplat bench --all --json > bench.json
       seqplat bench --set cell.name=lstm --reference --batch 1
+      seqplat bench --set cell.name=lstm --set quantizer.name=ternary --hidden 256
     """
     from seqplat.core.bench import bench_cell, matmul_peak_gflops, with_hidden
     from seqplat.registry import get_registry
@@ -264,6 +265,7 @@ def bench(plugin, recipe, config_files, overrides, hidden, batch, time_steps, in
 
         torch.set_num_threads(threads)
     peak = matmul_peak_gflops()
+    quantizer = None  # a recipe's quantizer (e.g. hitnet's) is applied to its cell, as in training
     if all_cells:
         specs = [{"name": n} for n in get_registry().names("cell")]
         hidden = hidden or (256, 1024)
@@ -272,7 +274,8 @@ def bench(plugin, recipe, config_files, overrides, hidden, batch, time_steps, in
         if time_steps == (100,):
             time_steps = (100, 1000)
     else:
-        specs = [resolve(plugin, recipe, config_files, overrides).cell]
+        run = resolve(plugin, recipe, config_files, overrides)
+        specs, quantizer = [run.cell], run.quantizer
     results = []
     for spec in specs:
         for h in hidden or (spec.get("hidden_size"),):
@@ -287,7 +290,7 @@ def bench(plugin, recipe, config_files, overrides, hidden, batch, time_steps, in
             for b in batch:
                 for t in time_steps:
                     r = bench_cell(s, size, b, t, input_size, threads, repeats, warmup, peak=peak,
-                                   reference=reference)
+                                   reference=reference, quantizer=quantizer)
                     results.append(r.as_dict())
                     if not as_json:
                         # at B=1 (streaming) the time of one inference step is the figure that matters

@@ -113,9 +113,13 @@ def _measure(module: nn.Module, x: torch.Tensor, repeats: int, warmup: int, time
         module.zero_grad(set_to_none=True)
         (fwd() * w).sum().backward()
 
-    def infer() -> None:
-        with torch.no_grad():
-            fwd()
+    def infer() -> None:  # evaluation mode, as for serving: no dropout, deterministic quantizers
+        module.eval()
+        try:
+            with torch.no_grad():
+                fwd()
+        finally:
+            module.train()
 
     train_s = _median_time(train_step, repeats, warmup)
     infer_s = _median_time(infer, repeats, warmup)
@@ -151,15 +155,21 @@ def _measure(module: nn.Module, x: torch.Tensor, repeats: int, warmup: int, time
 
 def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: int = 100, input_size: int = 128,
                threads: int | None = None, repeats: int = 5, warmup: int = 2, with_lstm: bool = True,
-               peak: float | None = None, registry: Any | None = None, reference: bool = False) -> BenchResult:
+               peak: float | None = None, registry: Any | None = None, reference: bool = False,
+               quantizer: dict[str, Any] | None = None) -> BenchResult:
     """Benchmark one cell spec at one shape (and fused LSTM at the same shape).
 
-    ``reference`` times the cell's plain PyTorch path (its fast path and those of its inner cells off).
+    ``reference`` times the cell's plain PyTorch path (its fast path and those of its inner cells off);
+    ``quantizer`` (a ``{name: ..., <options>}`` spec) is applied to the cell first, as in training.
     """
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     cell = build_cell(spec, input_size, registry)
+    if quantizer is not None:
+        from seqplat.core.quantize import apply_quantizer
+
+        apply_quantizer(cell, quantizer, registry)
     if reference:
         set_fast_path(cell, False)
     x = torch.randn(batch, time_steps, input_size)
@@ -170,7 +180,7 @@ def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: i
     with flush_denormal():  # as in training
         m = _measure(cell, x, repeats, warmup, times)
     res = BenchResult(
-        name=spec["name"] + (" (reference)" if reference else ""),
+        name=spec["name"] + (f"+{quantizer['name']}" if quantizer else "") + (" (reference)" if reference else ""),
         hidden=hidden, batch=batch, time=time_steps, input_size=input_size,
         threads=torch.get_num_threads(), train_tokens_per_s=m["train_tps"], infer_tokens_per_s=m["infer_tps"],
         train_step_ms=m["train_s"] * 1e3, infer_step_us_per_token_row=m["infer_s"] / time_steps * 1e6,

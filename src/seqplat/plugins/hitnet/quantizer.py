@@ -106,6 +106,12 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         token = self.scope.token if self.scope is not None else None
         key = (token, w._version, self.training, torch.is_grad_enabled())
+        if not self.training and not torch.is_grad_enabled():
+            # evaluation without a graph is deterministic: reuse W_q across forwards until W (or a
+            # learned scale) is changed in place, as an optimizer step or a checkpoint load does
+            scales = getattr(self, "scales", None)
+            token = "eval"
+            key = (token, id(w), w._version, None if scales is None else scales._version)
         if token is not None and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         codes, scales = self._codes(w)
