@@ -59,3 +59,22 @@ def test_bench_applies_the_recipe_quantizer_to_the_cell():
     assert result.exit_code == 0, result.output
     (r,) = json.loads(result.output)
     assert r["name"] == "lstm+ternary" and r["train_ratio_vs_lstm"] > 0
+
+
+def test_bench_keeps_no_tensors_alive_between_shapes():
+    """Each benchmarked shape frees its activations (the saved-bytes probe once leaked its whole graph)."""
+    import gc
+
+    import torch
+
+    from seqplat.core.bench import bench_cell
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    before = live_tensors()
+    for name in ("gru", "sab"):
+        bench_cell({"name": name, "hidden_size": 8}, 8, batch=2, time_steps=6, input_size=4, threads=1,
+                   repeats=1, warmup=0, peak=1.0)
+    assert live_tensors() == before

@@ -72,13 +72,18 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
 
 
 class _SavedBytes:
-    """Counts bytes autograd saves for backward (deduplicated by storage)."""
+    """Counts bytes autograd saves for backward (deduplicated by storage), for a graph never run backward.
+
+    ``pack`` keeps nothing: handing the tensor itself back would let an output saved by its own
+    ``grad_fn`` hold that graph alive (a cycle through C++ that Python's collector cannot see), and
+    every benchmarked shape would leak its activations (``bench --all`` was killed for memory).
+    """
 
     def __init__(self) -> None:
         self.seen: set[int] = set()
         self.bytes = 0
 
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
+    def pack(self, t: torch.Tensor) -> None:
         try:
             key = t.untyped_storage().data_ptr()
             if key not in self.seen:
@@ -86,7 +91,10 @@ class _SavedBytes:
                 self.bytes += t.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):
             pass  # tensors without a plain storage (e.g. some wrapper subclasses) are not counted
-        return t
+
+    @staticmethod
+    def unpack(_: None) -> torch.Tensor:
+        raise RuntimeError("seqplat bench: the saved-bytes probe graph cannot be run backward")
 
 
 def set_fast_path(module: nn.Module, on: bool) -> dict[nn.Module, bool]:
@@ -144,7 +152,7 @@ def _measure(module: nn.Module, x: torch.Tensor, repeats: int, warmup: int, time
         h, d = module.hidden_size, module.input_size
         flops = 2 * 4 * h * (2 * d + 3 * h) * b * t
     saved = _SavedBytes()
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda p: p):
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
         y = fwd()
     del y
     return {
