@@ -39,7 +39,7 @@ class Quantizer:
 
     def apply(self, model: nn.Module) -> None:
         """Install weight parametrizations and activation quantizers on every cell of ``model``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement apply")
 
     def model_size_bytes(self, model: nn.Module) -> int:
         """Bytes of the quantized model's weights when packed."""

@@ -107,21 +107,21 @@ class Task:
     @property
     def input_features(self) -> int:
         """Width of feature inputs (ignored for token inputs)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define input_features (or vocab_size for tokens)")
 
     @property
     def num_outputs(self) -> int:
         """Classes for classification, targets per prediction for regression."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define num_outputs")
 
     # -- data -----------------------------------------------------------------------------------
     def train_batch(self, step: int, batch_size: int, seed: int) -> Batch:
         """The training batch of global step ``step`` (deterministic in ``step`` and ``seed``)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement train_batch")
 
     def eval_batches(self, split: Literal["valid", "test"], batch_size: int) -> Iterator[Batch]:
         """A fixed sequence of evaluation batches."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement eval_batches")
 
     def steps_per_epoch(self, batch_size: int) -> int | None:
         """Training steps in one pass over the data; None for generated data."""
@@ -255,7 +255,7 @@ class LanguageModelTask(Task):
 
     @property
     def vocab(self) -> list[str]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define vocab (the token strings)")
 
     @property
     def vocab_size(self) -> int:
@@ -266,7 +266,7 @@ class LanguageModelTask(Task):
         return len(self.vocab)
 
     def load_split(self, split: str) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement load_split (token ids of one split)")
 
     def split(self, split: str) -> Tensor:
         if split not in self._splits:
