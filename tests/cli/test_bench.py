@@ -78,3 +78,13 @@ def test_bench_keeps_no_tensors_alive_between_shapes():
         bench_cell({"name": name, "hidden_size": 8}, 8, batch=2, time_steps=6, input_size=4, threads=1,
                    repeats=1, warmup=0, peak=1.0)
     assert live_tensors() == before
+
+
+def test_hidden_size_reaches_the_inner_cells_of_a_wrapper_without_its_own():
+    from seqplat.core.bench import with_hidden
+
+    spec = with_hidden({"name": "fs_rnn", "slow": {"name": "gru", "hidden_size": 8}}, 24)
+    assert spec["fast"]["hidden_size"] == 24 and spec["fast"]["name"] == "ln_lstm"
+    assert spec["slow"] == {"name": "gru", "hidden_size": 24}
+    assert with_hidden({"name": "gru"}, 12) == {"name": "gru", "hidden_size": 12}
+    assert with_hidden({"name": "gru"}, None) == {"name": "gru"}

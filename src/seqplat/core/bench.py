@@ -213,14 +213,29 @@ def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: i
 
 
 def with_hidden(spec: dict[str, Any], hidden: int | None, registry: Any | None = None) -> dict[str, Any]:
-    """The spec with ``hidden_size`` set, if the cell has that option."""
+    """The spec with ``hidden_size`` set, if the cell has that option.
+
+    A wrapper cell without its own ``hidden_size`` whose options hold inner cell specs (``fs_rnn``'s
+    ``fast`` and ``slow``) gets the size set in each inner spec instead.
+    """
     if hidden is None:
         return spec
     from seqplat.registry import get_registry
 
     cls = (registry or get_registry()).get("cell", spec["name"]).obj
-    if "hidden_size" not in cls.config_class.model_fields:
+    fields = cls.config_class.model_fields
+    if "hidden_size" in fields:
+        return {**spec, "hidden_size": hidden}
+    defaults = cls.config_class().model_dump(mode="json")
+    inner = [k for k, v in defaults.items()
+             if isinstance(v, dict) and "name" in v and "hidden_size" in v]
+    if not inner:
         from seqplat.core.errors import ConfigError
 
         raise ConfigError(f"--hidden: cell '{spec['name']}' has no hidden_size option; set its size with --set cell.*")
-    return {**spec, "hidden_size": hidden}
+    out = dict(spec)
+    for k in inner:
+        given = spec.get(k)
+        base = given if isinstance(given, dict) else defaults[k]
+        out[k] = {**base, "hidden_size": hidden}
+    return out
