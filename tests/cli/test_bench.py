@@ -88,3 +88,25 @@ def test_hidden_size_reaches_the_inner_cells_of_a_wrapper_without_its_own():
     assert spec["slow"] == {"name": "gru", "hidden_size": 24}
     assert with_hidden({"name": "gru"}, 12) == {"name": "gru", "hidden_size": 12}
     assert with_hidden({"name": "gru"}, None) == {"name": "gru"}
+
+
+@pytest.mark.slow
+def test_bench_compile_reports_the_compile_time_and_keeps_the_model_flops():
+    """``--compile`` (inductor: tens of seconds on 2 cores) times the compiled cell; FLOPs are the model's."""
+    args = ["bench", "--set", "cell.name=rnn", "--batch", "2", *TINY, "--json"]
+    plain = CliRunner().invoke(main, args)
+    compiled = CliRunner().invoke(main, [*args, "--compile"])
+    assert plain.exit_code == 0 and compiled.exit_code == 0, plain.output + compiled.output
+    (p,), (c,) = json.loads(plain.output), json.loads(compiled.output)
+    assert c["name"] == "rnn (compiled)" and p["compile_s"] == 0.0
+    assert c["compile_s"] > 0.5  # seconds of compiling, not the microseconds of one tiny step
+    assert c["flops_per_token_train"] == p["flops_per_token_train"]
+    assert c["train_tokens_per_s"] > 0 and c["train_ratio_vs_lstm"] > 0
+
+
+def test_bench_times_a_timestamp_cell_whatever_the_recipes_task():
+    """The default recipe's task (copy memory) has no timestamps; the bench feeds phased_lstm its own."""
+    result = CliRunner().invoke(main, ["bench", "--set", "cell.name=phased_lstm", "--batch", "2", *TINY, "--json"])
+    assert result.exit_code == 0, result.output
+    (r,) = json.loads(result.output)
+    assert r["name"] == "phased_lstm" and r["train_tokens_per_s"] > 0

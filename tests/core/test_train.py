@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from seqplat.core.checkpoint import list_checkpoints, load_checkpoint
 from seqplat.core.errors import DivergenceError
-from seqplat.core.train import Trainer, evaluate_checkpoint, lr_at, train
+from seqplat.core.train import CompileClock, Trainer, evaluate_checkpoint, lr_at, train
 
 
 def _weights(result):
@@ -139,3 +139,21 @@ def test_checkpoint_files_are_safe_formats(tiny_run, tmp_path):
     ck = list_checkpoints(res.run_dir + "/checkpoints", "step")[-1][1]
     assert load_file(ck + "/model.safetensors")
     torch.load(ck + "/state.pt", weights_only=True)
+
+
+def test_compile_clock_reports_the_excess_of_the_first_steps_over_the_steady_ones():
+    clock = CompileClock(warm=3)
+    # compile in step 1, a recompile when the carried state arrives in step 2, then steady ~0.1 s steps
+    for s in (20.0, 5.1, 0.1, 0.11):
+        assert clock.add(s) is None
+    assert clock.estimate() == (pytest.approx(25.2), False)  # upper bound: no steady steps yet
+    assert clock.add(0.09) is None
+    assert clock.add(0.1) == pytest.approx(20.0 + 5.1 + 0.1 - 3 * 0.1)
+    assert clock.estimate()[1] is True
+    assert clock.add(99.0) is None and clock.value == pytest.approx(24.9)  # later steps change nothing
+
+
+def test_compile_clock_never_reports_a_negative_time():
+    clock = CompileClock(warm=1)
+    clock.add(0.1)
+    assert clock.add(0.5) == 0.0

@@ -6,6 +6,7 @@ get their own float64 gradcheck and fused-vs-reference parity tests instead.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -423,13 +424,17 @@ def test_weight_drop_under_torch_compile(tiny_run):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
-def test_weight_drop_with_trainer_compile(tiny_run):
-    """``train.compile=true`` (inductor) with weight drop: compiles and trains (slow: 15-90 s of compiling,
-    depending on inductor's cache)."""
-    run = tiny_run({"name": "lstm", "hidden_size": 6}, steps=2, regularizers=[{"name": "weight_drop", "p": 0.5}],
+def test_weight_drop_with_trainer_compile(tiny_run, caplog):
+    """``train.compile=true`` (inductor) with weight drop: compiles, trains and reports its compile time
+    (slow: 15-90 s of compiling, depending on inductor's cache)."""
+    run = tiny_run({"name": "lstm", "hidden_size": 6}, steps=6, regularizers=[{"name": "weight_drop", "p": 0.5}],
                    train={"compile": True})
-    res = train(run, progress=False)
-    assert res.steps == 2 and math.isfinite(res.valid_metrics["bpc"])
+    with caplog.at_level(logging.INFO, logger="seqplat.train"):
+        res = train(run, progress=False)
+    assert res.steps == 6 and math.isfinite(res.valid_metrics["bpc"])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("torch.compile:")]
+    assert len(lines) == 1 and "in the first 3 training steps" in lines[0] and "upper bound" not in lines[0]
+    assert float(lines[0].split()[1]) > 0.5  # inductor takes seconds, not the milliseconds of wrapping
 
 
 @pytest.mark.timeout(600)

@@ -112,10 +112,12 @@ def source_options(f: Any) -> Any:
     return f
 
 
-def resolve(plugin: str | None, recipe: str | None, config_files: tuple[str, ...], overrides: tuple[str, ...]):
+def resolve(plugin: str | None, recipe: str | None, config_files: tuple[str, ...], overrides: tuple[str, ...],
+            check: bool = True):
     from seqplat.core.config import build_run_config
 
-    return build_run_config(plugin=plugin, recipe=recipe, config_files=config_files, overrides=overrides)
+    return build_run_config(plugin=plugin, recipe=recipe, config_files=config_files, overrides=overrides,
+                            check=check)
 
 
 def echo_json(data: Any) -> None:

@@ -3,7 +3,8 @@
 Every figure comes with its ratio to ``nn.LSTM`` at the same hidden size, batch, length and threads,
 measured in the same process, and the machine's matmul peak, so numbers from a shared or different
 machine stay comparable. Tokens/s counts time steps x batch per second; training is forward + backward
-of ``sum(y * w)``; inference is a no-grad forward. Timings are medians of ``repeats`` after ``warmup``.
+of ``sum(y * w)``; inference is a no-grad forward. Timings are medians of ``repeats`` after ``warmup``, the
+cell's and the LSTM's calls alternating round by round so that both see the same state of the machine.
 
 Memory: ``saved_mb`` is what autograd keeps for the backward pass (the tensors saved during the forward,
 counted once per storage), the part that grows with sequence length; ``peak_rss_mb`` is the process's
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seqplat.core.cpu_memory import reuse_freed_memory
 from seqplat.core.model import build_cell
 
 
@@ -49,6 +51,7 @@ class BenchResult:
     infer_ratio_vs_lstm: float = 0.0
     flop_rate_ratio_vs_lstm: float = 0.0
     matmul_peak_gflops: float = 0.0
+    compile_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,73 +108,118 @@ def set_fast_path(module: nn.Module, on: bool) -> dict[nn.Module, bool]:
     return before
 
 
-def _measure(module: nn.Module, x: torch.Tensor, repeats: int, warmup: int, times: torch.Tensor | None) -> dict:
-    b, t, _ = x.shape
-    module.train()
+class _Probe:
+    """The timed calls of one module at one shape: a training step, an inference call, FLOPs and saved bytes.
 
-    def fwd() -> torch.Tensor:
-        if isinstance(module, nn.LSTM):
-            return module(x)[0]
-        return module(x, None, times=times)[0]
+    With ``compiled`` the timed calls go through ``torch.compile(module)`` and the first calls (which
+    compile the forward, backward and no-grad graphs) are timed into ``first_s``; FLOPs and saved bytes
+    are always taken on ``module`` itself.
+    """
 
-    y0 = fwd()
-    w = torch.randn_like(y0)
+    def __init__(self, module: nn.Module, x: torch.Tensor, times: torch.Tensor | None, compiled: bool = False):
+        self.module, self.x, self.times = module, x, times
+        module.train()
+        self.runner = torch.compile(module) if compiled else module
+        start = time.perf_counter()
+        self.w = torch.randn_like(self.forward())
+        if compiled:
+            self.train_step()
+            self.infer()
+        self.first_s = time.perf_counter() - start
 
-    def train_step() -> None:
-        module.zero_grad(set_to_none=True)
-        (fwd() * w).sum().backward()
+    def forward(self, m: nn.Module | None = None) -> torch.Tensor:
+        m = self.runner if m is None else m
+        if isinstance(self.module, nn.LSTM):
+            return m(self.x)[0]
+        return m(self.x, None, times=self.times)[0]
 
-    def infer() -> None:  # evaluation mode, as for serving: no dropout, deterministic quantizers
-        module.eval()
+    def train_step(self, m: nn.Module | None = None) -> None:
+        self.module.zero_grad(set_to_none=True)
+        (self.forward(m) * self.w).sum().backward()
+
+    def infer(self) -> None:  # evaluation mode, as for serving: no dropout, deterministic quantizers
+        self.module.eval()
         try:
             with torch.no_grad():
-                fwd()
+                self.forward()
         finally:
-            module.train()
+            self.module.train()
 
-    train_s = _median_time(train_step, repeats, warmup)
-    infer_s = _median_time(infer, repeats, warmup)
-    from torch.utils.flop_counter import FlopCounterMode
+    def flops(self) -> float:
+        """Model FLOPs of one training step, counted on the reference path (inner cells of wrappers
+        included): fused kernels hide their matmuls from the counter."""
+        from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    # model FLOPs are counted on the reference path (inner cells of wrappers included): fused kernels
-    # hide their matmuls from the counter
-    before = set_fast_path(module, False)
-    try:
-        with counter:
-            train_step()
-    finally:
-        for m, on in before.items():
-            m.use_fast_path = on
-    flops = counter.get_total_flops()
-    if isinstance(module, nn.LSTM) and flops < b * t:
-        # the fused kernel is opaque to the counter: count the matmuls the counter finds in the
-        # reference path of the same LSTM, so both sides of every ratio count the same model. Per token:
-        # forward 2*4H(D+H); backward the two weight gradients 2*4H(D+H) and the state gradient 2*4H*H
-        # (the benchmark input needs no gradient, so there is no 2*4H*D for it)
-        h, d = module.hidden_size, module.input_size
-        flops = 2 * 4 * h * (2 * d + 3 * h) * b * t
-    saved = _SavedBytes()
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-        y = fwd()
-    del y
+        module = self.module
+        b, t, _ = self.x.shape
+        counter = FlopCounterMode(display=False)
+        before = set_fast_path(module, False)
+        try:
+            with counter:
+                self.train_step(module)
+        finally:
+            for m, on in before.items():
+                m.use_fast_path = on
+        flops = counter.get_total_flops()
+        if isinstance(module, nn.LSTM) and flops < b * t:
+            # the fused kernel is opaque to the counter: count the matmuls the counter finds in the
+            # reference path of the same LSTM, so both sides of every ratio count the same model. Per token:
+            # forward 2*4H(D+H); backward the two weight gradients 2*4H(D+H) and the state gradient 2*4H*H
+            # (the benchmark input needs no gradient, so there is no 2*4H*D for it)
+            h, d = module.hidden_size, module.input_size
+            flops = 2 * 4 * h * (2 * d + 3 * h) * b * t
+        return float(flops)
+
+    def saved_mb(self) -> float:
+        saved = _SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            y = self.forward(self.module)
+        del y
+        return saved.bytes / 2**20
+
+
+def _interleaved_medians(fns: list[Any], repeats: int, warmup: int) -> list[float]:
+    """Median time of each function, the functions taking turns in every round (warm-up rounds first), so
+    a machine that speeds up or slows down during the run shifts all of them alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def _measure(probe: _Probe, train_s: float, infer_s: float, compiled: bool = False) -> dict:
+    b, t, _ = probe.x.shape
+    flops = probe.flops()
+    # compile time: the first calls' excess over one steady training step and one inference (so it also
+    # holds the first forward pass, small beside seconds of compiling)
+    compile_s = max(probe.first_s - train_s - infer_s, 0.0) if compiled else 0.0
     return {
-        "train_tps": b * t / train_s, "infer_tps": b * t / infer_s, "train_s": train_s, "infer_s": infer_s,
-        "flops_per_token": flops / (b * t), "gflops": flops / train_s / 1e9, "saved_mb": saved.bytes / 2**20,
+        "compile_s": compile_s, "train_tps": b * t / train_s, "infer_tps": b * t / infer_s, "train_s": train_s,
+        "infer_s": infer_s, "flops_per_token": flops / (b * t), "gflops": flops / train_s / 1e9,
+        "saved_mb": probe.saved_mb(),
     }
 
 
 def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: int = 100, input_size: int = 128,
                threads: int | None = None, repeats: int = 5, warmup: int = 2, with_lstm: bool = True,
                peak: float | None = None, registry: Any | None = None, reference: bool = False,
-               quantizer: dict[str, Any] | None = None) -> BenchResult:
+               quantizer: dict[str, Any] | None = None, compiled: bool = False) -> BenchResult:
     """Benchmark one cell spec at one shape (and fused LSTM at the same shape).
 
     ``reference`` times the cell's plain PyTorch path (its fast path and those of its inner cells off);
-    ``quantizer`` (a ``{name: ..., <options>}`` spec) is applied to the cell first, as in training.
+    ``quantizer`` (a ``{name: ..., <options>}`` spec) is applied to the cell first, as in training;
+    ``compiled`` times the cell under ``torch.compile`` (default inductor backend) and reports the compile
+    time in ``compile_s``; the fused LSTM beside it is never compiled.
     """
     if threads is not None:
         torch.set_num_threads(threads)
+    reuse_freed_memory()  # as in training
     torch.manual_seed(0)
     cell = build_cell(spec, input_size, registry)
     if quantizer is not None:
@@ -185,23 +233,29 @@ def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: i
         if cell.uses_time else None
     from seqplat.core.train import flush_denormal
 
+    hidden = hidden or cell.output_size  # wrapper cells without hidden_size: compare at their output width
     with flush_denormal():  # as in training
-        m = _measure(cell, x, repeats, warmup, times)
+        probe = _Probe(cell, x, times, compiled)
+        probes = [probe]
+        if with_lstm:
+            probes.append(_Probe(nn.LSTM(input_size, hidden, batch_first=True), x, None))
+        # the cell's and the LSTM's calls take turns, so both see the same machine
+        train_s = _interleaved_medians([p.train_step for p in probes], repeats, warmup)
+        infer_s = _interleaved_medians([p.infer for p in probes], repeats, warmup)
+        m = _measure(probe, train_s[0], infer_s[0], compiled)
+        ml = _measure(probes[1], train_s[1], infer_s[1]) if with_lstm else None
+    del probes
     res = BenchResult(
-        name=spec["name"] + (f"+{quantizer['name']}" if quantizer else "") + (" (reference)" if reference else ""),
+        name=spec["name"] + (f"+{quantizer['name']}" if quantizer else "") + (" (reference)" if reference else "")
+        + (" (compiled)" if compiled else ""),
         hidden=hidden, batch=batch, time=time_steps, input_size=input_size,
         threads=torch.get_num_threads(), train_tokens_per_s=m["train_tps"], infer_tokens_per_s=m["infer_tps"],
         train_step_ms=m["train_s"] * 1e3, infer_step_us_per_token_row=m["infer_s"] / time_steps * 1e6,
         flops_per_token_train=m["flops_per_token"], gflops_train=m["gflops"], saved_mb=m["saved_mb"],
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        params=sum(p.numel() for p in cell.parameters()),
+        params=sum(p.numel() for p in cell.parameters()), compile_s=m["compile_s"],
     )
-    hidden = hidden or cell.output_size  # wrapper cells without hidden_size: compare at their output width
-    res.hidden = hidden
-    if with_lstm:
-        lstm = nn.LSTM(input_size, hidden, batch_first=True)
-        with flush_denormal():
-            ml = _measure(lstm, x, repeats, warmup, None)
+    if ml is not None:
         res.lstm_train_tokens_per_s, res.lstm_infer_tokens_per_s = ml["train_tps"], ml["infer_tps"]
         res.lstm_gflops_train = ml["gflops"]
         res.lstm_infer_step_us_per_token_row = ml["infer_s"] / time_steps * 1e6

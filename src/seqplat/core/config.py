@@ -274,8 +274,12 @@ def component_config(kind: str, spec: dict[str, Any], registry: Any | None = Non
     return entry.obj.config_class.model_validate({k: v for k, v in spec.items() if k != "name"})
 
 
-def validate_run(data: dict[str, Any], registry: Any | None = None) -> RunConfig:
-    """Validate a raw mapping into a complete :class:`RunConfig` (every component checked)."""
+def validate_run(data: dict[str, Any], registry: Any | None = None, check: bool = True) -> RunConfig:
+    """Validate a raw mapping into a complete :class:`RunConfig` (every component checked).
+
+    ``check=False`` skips :func:`check_compatibility` (whether the cell and task can train together), for
+    callers that use only some sections, such as ``seqplat bench``, which feeds the cell its own inputs.
+    """
     from seqplat.registry import get_registry
 
     reg = registry or get_registry()
@@ -316,7 +320,8 @@ def validate_run(data: dict[str, Any], registry: Any | None = None) -> RunConfig
         raise ConfigError(lines)
     run = run.model_copy(update={"cell": resolved["cell"], "task": resolved["task"],
                                  "regularizers": regs, "quantizer": quant})
-    check_compatibility(run, reg)
+    if check:
+        check_compatibility(run, reg)
     return run
 
 
@@ -382,8 +387,10 @@ def build_run_config(
     config_files: tuple[str, ...] | list[str] = (),
     overrides: tuple[str, ...] | list[str] = (),
     registry: Any | None = None,
+    check: bool = True,
 ) -> RunConfig:
-    """Resolve a run: plugin default recipe (or ``recipe``), then config files, then overrides."""
+    """Resolve a run: plugin default recipe (or ``recipe``), then config files, then overrides
+    (``check``: see :func:`validate_run`)."""
     from seqplat.registry import get_registry
 
     reg = registry or get_registry()
@@ -410,4 +417,4 @@ def build_run_config(
         data = deep_merge(data, read_config_file(url))
     for assignment in overrides:
         data = apply_override(data, assignment)
-    return validate_run(data, reg)
+    return validate_run(data, reg, check)

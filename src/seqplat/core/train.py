@@ -15,6 +15,7 @@ import os
 import posixpath
 import resource
 import signal
+import statistics
 import tempfile
 import time
 import uuid
@@ -34,6 +35,7 @@ from seqplat.core.checkpoint import (
     write_checkpoint,
 )
 from seqplat.core.config import RunConfig, validate_run
+from seqplat.core.cpu_memory import reuse_freed_memory
 from seqplat.core.errors import CheckpointError, ConfigError, DivergenceError, TrainingInterrupted
 from seqplat.core.model import build_model, build_task, count_parameters
 from seqplat.core.task import Task
@@ -152,6 +154,38 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+class CompileClock:
+    """Compile time of a ``torch.compile``'d model, read from its training step times.
+
+    Compilation happens inside the first calls (a second graph when the carried state first arrives), so
+    the compile time is the excess of the first ``warm`` steps over ``warm`` times the median of the
+    ``warm`` steps after them. With fewer steps, the whole time of the steps seen is an upper bound.
+    Recompiles for evaluation (eval mode, no grad) land in the first evaluation and are not counted.
+    """
+
+    def __init__(self, warm: int = 3) -> None:
+        self.warm = warm
+        self.times: list[float] = []
+        self.value: float | None = None
+
+    def add(self, step_s: float) -> float | None:
+        """Record one step; returns the compile time once the steady steps are in, else None."""
+        if self.value is not None:
+            return None
+        self.times.append(step_s)
+        if len(self.times) < 2 * self.warm:
+            return None
+        steady = statistics.median(self.times[self.warm:])
+        self.value = max(sum(self.times[: self.warm]) - self.warm * steady, 0.0)
+        return self.value
+
+    def estimate(self) -> tuple[float, bool]:
+        """``(seconds, exact)``: the compile time, or the upper bound while the steady steps are missing."""
+        if self.value is not None:
+            return self.value, True
+        return sum(self.times[: self.warm]), False
+
+
 class Trainer:
     """Holds the pieces of one run; ``fit`` runs it. Use :func:`train` unless you need the parts."""
 
@@ -170,6 +204,7 @@ class Trainer:
         t = run.train
         if t.threads is not None:
             torch.set_num_threads(t.threads)
+        reuse_freed_memory()  # CPU: no page faults on each step's activation buffers (see cpu_memory)
         self.accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
@@ -188,11 +223,9 @@ class Trainer:
         self.num_parameters = count_parameters(model)
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
-        self.compile_time_s = 0.0
+        self.compile_clock = CompileClock() if t.compile else None
         if t.compile:
-            start = time.perf_counter()
-            self.model = torch.compile(self.model)
-            self.compile_time_s = time.perf_counter() - start
+            self.model = torch.compile(self.model)  # lazy: compiles in the first steps (see CompileClock)
 
         # run folder
         if self.resume_ckpt is not None:
@@ -233,6 +266,14 @@ class Trainer:
         if self.best is None or not math.isfinite(self.best):
             return math.isfinite(value)
         return value < self.best if self.task.primary_mode == "min" else value > self.best
+
+    def _report_compile(self) -> None:
+        clock = self.compile_clock
+        assert clock is not None
+        seconds, exact = clock.estimate()
+        log.info("torch.compile: %.1f s of compiling in the first %d training steps%s", seconds,
+                 min(len(clock.times), clock.warm), "" if exact else " (upper bound: no steady steps to compare)")
+        self.tracker.log_metrics({"compile_time_s": seconds}, self.step)
 
     def _record(self, name: str, step: int, value: float) -> None:
         self.history.setdefault(name, []).append([float(step), float(value)])
@@ -455,7 +496,10 @@ class Trainer:
             self.step += 1
             n_tokens = batch.num_tokens * self.world
             self.tokens_seen += n_tokens
-            self.train_time += time.perf_counter() - step_start
+            step_s = time.perf_counter() - step_start
+            self.train_time += step_s
+            if self.compile_clock is not None and self.compile_clock.add(step_s) is not None:
+                self._report_compile()
             win_loss += float(loss.detach())
             win_n += 1
             win_tokens += n_tokens
@@ -505,6 +549,8 @@ class Trainer:
             if stopped_early:
                 break
         pbar.close()
+        if self.compile_clock is not None and self.compile_clock.value is None and self.compile_clock.times:
+            self._report_compile()  # too few steps for a steady state: an upper bound
 
         # final evaluation with the best weights
         if t.restore_best and self.best_step is not None:

@@ -1,0 +1,40 @@
+"""The malloc thresholds that keep freed activation buffers in the process (seqplat.core.cpu_memory)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# allocate, touch and free a 64 MiB tensor again and again, as a training step does with its activations
+PROBE = """
+import json, resource
+import torch
+from seqplat.core.cpu_memory import reuse_freed_memory
+applied = reuse_freed_memory()
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(16 << 20); del x
+before = faults()
+for _ in range(8):
+    x = torch.ones(16 << 20); del x
+print(json.dumps({"applied": applied, "faults_per_alloc": (faults() - before) / 8}))
+"""
+
+
+def probe(tuning: str) -> dict:
+    env = {**os.environ, "SEQPLAT_MALLOC_TUNING": tuning}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_freed_buffers_are_reused_instead_of_faulted_in_again():
+    off, on = probe("0"), probe("1")
+    assert off["applied"] is False
+    if not on["applied"]:
+        pytest.skip("this C library is not glibc")
+    # glibc's defaults map a fresh 64 MiB (16,384 pages) for every allocation; raised, it reuses the block
+    assert off["faults_per_alloc"] > 10_000
+    assert on["faults_per_alloc"] < 0.25 * off["faults_per_alloc"]
