@@ -57,20 +57,24 @@ class BenchResult:
         return asdict(self)
 
 
-def _median_time(fn: Any, repeats: int, warmup: int) -> float:
+def _interleaved_medians(fns: list[Any], repeats: int, warmup: int) -> list[float]:
+    """Median time of each function, the functions taking turns in every round (warm-up rounds first), so
+    a machine that speeds up or slows down during the run shifts all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
-    sec = _median_time(lambda: torch.mm(a, b), repeats, 2)
+    (sec,) = _interleaved_medians([lambda: torch.mm(a, b)], repeats, 2)
     return 2 * n**3 / sec / 1e9
 
 
@@ -117,7 +121,7 @@ class _Probe:
     """
 
     def __init__(self, module: nn.Module, x: torch.Tensor, times: torch.Tensor | None, compiled: bool = False):
-        self.module, self.x, self.times = module, x, times
+        self.module, self.x, self.times, self.compiled = module, x, times, compiled
         module.train()
         self.runner = torch.compile(module) if compiled else module
         start = time.perf_counter()
@@ -178,27 +182,12 @@ class _Probe:
         return saved.bytes / 2**20
 
 
-def _interleaved_medians(fns: list[Any], repeats: int, warmup: int) -> list[float]:
-    """Median time of each function, the functions taking turns in every round (warm-up rounds first), so
-    a machine that speeds up or slows down during the run shifts all of them alike."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times, strict=True):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
-
-
-def _measure(probe: _Probe, train_s: float, infer_s: float, compiled: bool = False) -> dict:
+def _measure(probe: _Probe, train_s: float, infer_s: float) -> dict:
     b, t, _ = probe.x.shape
     flops = probe.flops()
     # compile time: the first calls' excess over one steady training step and one inference (so it also
     # holds the first forward pass, small beside seconds of compiling)
-    compile_s = max(probe.first_s - train_s - infer_s, 0.0) if compiled else 0.0
+    compile_s = max(probe.first_s - train_s - infer_s, 0.0) if probe.compiled else 0.0
     return {
         "compile_s": compile_s, "train_tps": b * t / train_s, "infer_tps": b * t / infer_s, "train_s": train_s,
         "infer_s": infer_s, "flops_per_token": flops / (b * t), "gflops": flops / train_s / 1e9,
@@ -242,7 +231,7 @@ def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: i
         # the cell's and the LSTM's calls take turns, so both see the same machine
         train_s = _interleaved_medians([p.train_step for p in probes], repeats, warmup)
         infer_s = _interleaved_medians([p.infer for p in probes], repeats, warmup)
-        m = _measure(probe, train_s[0], infer_s[0], compiled)
+        m = _measure(probe, train_s[0], infer_s[0])
         ml = _measure(probes[1], train_s[1], infer_s[1]) if with_lstm else None
     del probes
     res = BenchResult(
