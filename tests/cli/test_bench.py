@@ -98,10 +98,32 @@ def test_bench_compile_reports_the_compile_time_and_keeps_the_model_flops():
     compiled = CliRunner().invoke(main, [*args, "--compile"])
     assert plain.exit_code == 0 and compiled.exit_code == 0, plain.output + compiled.output
     (p,), (c,) = json.loads(plain.output), json.loads(compiled.output)
-    assert c["name"] == "rnn (compiled)" and p["compile_s"] == 0.0
+    assert c["name"] == "rnn (compiled: model)" and p["compile_s"] == 0.0
     assert c["compile_s"] > 0.5  # seconds of compiling, not the microseconds of one tiny step
     assert c["flops_per_token_train"] == p["flops_per_token_train"]
     assert c["train_tokens_per_s"] > 0 and c["train_ratio_vs_lstm"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")  # Dynamo's own
+def test_bench_compile_step_times_the_loop_around_a_compiled_step():
+    """``--compile step`` compiles ln_lstm's step once; FLOPs and saved bytes are those of the eager cell."""
+    args = ["bench", "--set", "cell.name=ln_lstm", "--batch", "2", *TINY, "--json"]
+    plain = CliRunner().invoke(main, [*args, "--reference"])
+    compiled = CliRunner().invoke(main, [*args, "--compile", "step"])
+    assert plain.exit_code == 0 and compiled.exit_code == 0, plain.output + compiled.output
+    (p,), (c,) = json.loads(plain.output), json.loads(compiled.output)
+    assert c["name"] == "ln_lstm (compiled: step)" and c["compile_s"] > 0.1
+    assert c["flops_per_token_train"] == p["flops_per_token_train"]
+    assert c["saved_mb"] == pytest.approx(p["saved_mb"], rel=0.01)  # shared storages may count a few bytes apart
+
+
+def test_bench_compile_step_refuses_a_cell_without_a_step_function():
+    result = CliRunner().invoke(main, ["bench", "--set", "cell.name=unicornn", "--batch", "2", *TINY,
+                                       "--compile", "step"])
+    assert result.exit_code == 2
+    assert "--compile step: UnICORNNCell has no step function to compile" in result.output
+    assert "use --compile model" in result.output
 
 
 def test_bench_times_a_timestamp_cell_whatever_the_recipes_task():

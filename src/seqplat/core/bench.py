@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from seqplat.core.compiling import CompiledSteps, compile_steps
 from seqplat.core.cpu_memory import reuse_freed_memory
+from seqplat.core.errors import ConfigError
 from seqplat.core.model import build_cell
 
 
@@ -115,15 +117,19 @@ def set_fast_path(module: nn.Module, on: bool) -> dict[nn.Module, bool]:
 class _Probe:
     """The timed calls of one module at one shape: a training step, an inference call, FLOPs and saved bytes.
 
-    With ``compiled`` the timed calls go through ``torch.compile(module)`` and the first calls (which
-    compile the forward, backward and no-grad graphs) are timed into ``first_s``; FLOPs and saved bytes
-    are always taken on ``module`` itself.
+    With ``compiled`` (``"model"`` or ``"step"``, see :mod:`seqplat.core.compiling`) the timed calls run
+    compiled and the first calls (which compile the forward, backward and no-grad graphs) are timed into
+    ``first_s``; FLOPs and saved bytes are always taken on the eager ``module``.
     """
 
-    def __init__(self, module: nn.Module, x: torch.Tensor, times: torch.Tensor | None, compiled: bool = False):
+    def __init__(self, module: nn.Module, x: torch.Tensor, times: torch.Tensor | None, compiled: str | None = None):
         self.module, self.x, self.times, self.compiled = module, x, times, compiled
         module.train()
-        self.runner = torch.compile(module) if compiled else module
+        self.steps = compile_steps(module) if compiled == "step" else CompiledSteps()
+        if compiled == "step" and not self.steps.names:
+            raise ConfigError(f"--compile step: {type(module).__name__} has no step function to compile (its fast "
+                              "path is a fused or sequence kernel); use --compile model")
+        self.runner = torch.compile(module) if compiled == "model" else module
         start = time.perf_counter()
         self.w = torch.randn_like(self.forward())
         if compiled:
@@ -159,7 +165,7 @@ class _Probe:
         counter = FlopCounterMode(display=False)
         before = set_fast_path(module, False)
         try:
-            with counter:
+            with self.steps.suspended(), counter:
                 self.train_step(module)
         finally:
             for m, on in before.items():
@@ -176,7 +182,7 @@ class _Probe:
 
     def saved_mb(self) -> float:
         saved = _SavedBytes()
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        with self.steps.suspended(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             y = self.forward(self.module)
         del y
         return saved.bytes / 2**20
@@ -198,13 +204,14 @@ def _measure(probe: _Probe, train_s: float, infer_s: float) -> dict:
 def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: int = 100, input_size: int = 128,
                threads: int | None = None, repeats: int = 5, warmup: int = 2, with_lstm: bool = True,
                peak: float | None = None, registry: Any | None = None, reference: bool = False,
-               quantizer: dict[str, Any] | None = None, compiled: bool = False) -> BenchResult:
+               quantizer: dict[str, Any] | None = None, compiled: str | None = None) -> BenchResult:
     """Benchmark one cell spec at one shape (and fused LSTM at the same shape).
 
     ``reference`` times the cell's plain PyTorch path (its fast path and those of its inner cells off);
     ``quantizer`` (a ``{name: ..., <options>}`` spec) is applied to the cell first, as in training;
-    ``compiled`` times the cell under ``torch.compile`` (default inductor backend) and reports the compile
-    time in ``compile_s``; the fused LSTM beside it is never compiled.
+    ``compiled`` (``"model"`` or ``"step"``) times the cell under ``torch.compile`` (default inductor
+    backend) in that mode and reports the compile time in ``compile_s``; the fused LSTM beside it is never
+    compiled.
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -236,7 +243,7 @@ def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: i
     del probes
     res = BenchResult(
         name=spec["name"] + (f"+{quantizer['name']}" if quantizer else "") + (" (reference)" if reference else "")
-        + (" (compiled)" if compiled else ""),
+        + (f" (compiled: {compiled})" if compiled else ""),
         hidden=hidden, batch=batch, time=time_steps, input_size=input_size,
         threads=torch.get_num_threads(), train_tokens_per_s=m["train_tps"], infer_tokens_per_s=m["infer_tps"],
         train_step_ms=m["train_s"] * 1e3, infer_step_us_per_token_row=m["infer_s"] / time_steps * 1e6,

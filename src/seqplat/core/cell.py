@@ -146,6 +146,16 @@ class Cell(nn.Module):
         """An optional faster path with the same outputs and gradients as ``reference_forward``."""
         return self.reference_forward(x, state, times=times)
 
+    def step_compile_target(self) -> str | None:
+        """The method that ``train.compile=step`` compiles: the one the plain loop calls once per time step.
+
+        Return its attribute name, or None (the default) when the cell has none to compile (a fused
+        or custom sequence kernel). The compiled function is set as an instance attribute of that
+        name and the fast path is switched off, so ``reference_forward`` must call ``self.<name>``
+        once per step (see :mod:`seqplat.core.compiling`).
+        """
+        return None
+
     def quantize_activation(self, role: str, value: Tensor) -> Tensor:
         """Pass ``value`` through the quantizer installed for ``role``, if any."""
         q = self.activation_quantizers.get(role)
@@ -164,6 +174,15 @@ class StepCell(Cell):
     """
 
     supports_step: ClassVar[bool] = True
+    #: the fast path is one fused sequence kernel (torch's RNN modules): ``compile=step`` leaves it on
+    fused_kernel: ClassVar[bool] = False
+
+    def step_compile_target(self) -> str | None:
+        """``"step"`` when the core's loop runs this cell (``reference_forward`` not overridden) and its
+        fast path is not a fused kernel; a cell with its own loop names its per-step method itself."""
+        if self.fused_kernel or type(self).reference_forward is not StepCell.reference_forward:
+            return None
+        return "step"
 
     def step(self, x_t: Tensor, state: State, *, t: Tensor | None = None) -> tuple[Tensor, State]:
         raise NotImplementedError(f"{type(self).__name__} must implement step")

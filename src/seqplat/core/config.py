@@ -16,6 +16,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from seqplat.core.compiling import CompileMode, compile_mode
 from seqplat.core.errors import ConfigError, SeqplatError, UnknownNameError
 
 
@@ -93,7 +94,16 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0, description="seed for weights, data order and dropout")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
     on_nan: Literal["stop", "skip"] = Field("stop", description="NaN/Inf loss or gradients: stop or skip the batch")
-    compile: bool = Field(False, description="wrap the model in torch.compile (opt-in; compile time is reported)")
+    compile: CompileMode = Field(
+        "off", description="torch.compile, opt-in: off; model (the whole model: its graph and compile time grow "
+        "with T for cells that loop in Python); step (each cell's one-step function, run in its plain loop: "
+        "compile time independent of T). true/false mean model/off. The compile time is reported",
+    )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_bool(cls, v: object) -> object:
+        return compile_mode(v)
 
 
 class TrackingConfig(_Strict):

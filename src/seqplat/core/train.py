@@ -34,6 +34,7 @@ from seqplat.core.checkpoint import (
     prune,
     write_checkpoint,
 )
+from seqplat.core.compiling import apply_compile
 from seqplat.core.config import RunConfig, validate_run
 from seqplat.core.cpu_memory import reuse_freed_memory
 from seqplat.core.errors import CheckpointError, ConfigError, DivergenceError, TrainingInterrupted
@@ -223,9 +224,9 @@ class Trainer:
         self.num_parameters = count_parameters(model)
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
-        self.compile_clock = CompileClock() if t.compile else None
-        if t.compile:
-            self.model = torch.compile(self.model)  # lazy: compiles in the first steps (see CompileClock)
+        self.compile_clock = CompileClock() if t.compile != "off" else None
+        # lazy: compiles in the first steps (see CompileClock)
+        self.model = apply_compile(self.model, t.compile)
 
         # run folder
         if self.resume_ckpt is not None:

@@ -1,0 +1,129 @@
+"""``torch.compile`` for seqplat models: the whole model, or each cell's one-step function.
+
+``train.compile`` (and ``seqplat bench --compile``) take one of:
+
+* ``off`` -- eager PyTorch (the default).
+* ``model`` -- ``torch.compile(model)``. Dynamo traces the cell's Python loop over time steps, so
+  it unrolls it: the graph, and the compile time, grow with the sequence length (minutes for a
+  depth-5 RHN at T=100 on 2 cores). Cells whose fast path is one fused kernel (``lstm``, ``gru``,
+  ``rnn``) compile in seconds.
+* ``step`` -- compile only the function a cell calls once per time step, and run the cell's plain
+  loop (its reference path) around the compiled step. The graph holds one step, so the compile
+  time does not depend on T, and the step's small ops are fused. A cell opts in through
+  :meth:`seqplat.Cell.step_compile_target`; a :class:`~seqplat.StepCell` that runs the core's
+  loop over ``step`` is in by default. In a wrapper (``fs_rnn``, ``sab``) the outermost cell that
+  can compile its step does so; its inner cells run inside that step, as in eager mode. Cells
+  without one (fused kernels, custom sequence kernels) stay as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from torch import nn
+
+from .cell import Cell
+
+log = logging.getLogger("seqplat.compile")
+
+CompileMode = Literal["off", "model", "step"]
+COMPILE_MODES: tuple[str, ...] = ("off", "model", "step")
+
+
+def compile_mode(value: object) -> object:
+    """Read the old boolean spelling: ``true`` is ``model`` (what it meant before ``step`` existed),
+    ``false`` is ``off``; anything else is left for the field's own check."""
+    if isinstance(value, bool):
+        return "model" if value else "off"
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+        return "model" if value.strip().lower() in ("true", "yes", "1") else "off"
+    return value
+
+
+class CompiledSteps:
+    """The cells whose step function :func:`compile_steps` replaced, and how to put them back."""
+
+    def __init__(self) -> None:
+        #: ``(module path, cell, attribute, fast path setting before)`` of every compiled cell
+        self.entries: list[tuple[str, Cell, str, bool]] = []
+
+    @property
+    def names(self) -> list[str]:
+        """Module paths of the compiled cells (``""`` is the model itself)."""
+        return [name for name, *_ in self.entries]
+
+    def restore(self) -> None:
+        """Drop the compiled functions: every cell calls its own method again, with its fast path as before."""
+        for _, cell, attr, fast in self.entries:
+            cell.__dict__.pop(attr, None)
+            cell.use_fast_path = fast
+        self.entries.clear()
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Run the cells' own (eager) step methods for a while, e.g. under a FLOP counter."""
+        held = [(cell, attr, cell.__dict__.pop(attr), cell.use_fast_path) for _, cell, attr, _ in self.entries]
+        try:
+            yield
+        finally:
+            for cell, attr, fn, fast in held:
+                cell.__dict__[attr] = fn
+                cell.use_fast_path = fast
+
+    def __enter__(self) -> CompiledSteps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+def compile_steps(model: nn.Module, compiler: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
+                  ) -> CompiledSteps:
+    """Compile the one-step function of the outermost cells of ``model`` that have one (``step`` mode).
+
+    Each such cell gets an instance attribute that shadows its step method with the compiled function,
+    and its fast path is switched off so its plain loop (which calls the step) runs. ``compiler``
+    defaults to ``torch.compile``. :meth:`CompiledSteps.restore` undoes it.
+    """
+    if compiler is None:
+        import torch
+
+        compiler = torch.compile
+    done = CompiledSteps()
+    for name, module in model.named_modules():
+        if not isinstance(module, Cell) or any(_inside(name, outer) for outer in done.names):
+            continue
+        attr = module.step_compile_target()
+        if attr is None:
+            continue
+        done.entries.append((name, module, attr, module.use_fast_path))
+        module.__dict__[attr] = compiler(getattr(module, attr))
+        module.use_fast_path = False
+    return done
+
+
+def _inside(name: str, outer: str) -> bool:
+    return outer == "" or name.startswith(outer + ".")
+
+
+def apply_compile(model: nn.Module, mode: str) -> nn.Module:
+    """The model to train under ``mode`` (see the module docstring); logs what ``step`` compiled."""
+    if mode == "off":
+        return model
+    if mode == "model":
+        import torch
+
+        return torch.compile(model)  # lazy: compiles in the first calls
+    if mode == "step":
+        compiled = compile_steps(model)
+        if compiled.names:
+            log.info("torch.compile (step): compiled the step of %s", ", ".join(
+                f"{type(c).__name__} ({n or 'model'})" for n, c, *_ in compiled.entries))
+        else:
+            log.warning("torch.compile (step): no cell in this model has a step function to compile (fused "
+                        "kernels and sequence kernels keep their fast path); nothing was compiled")
+        return model
+    raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
