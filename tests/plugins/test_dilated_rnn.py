@@ -161,6 +161,10 @@ def test_fold_layout_and_round_trip(s):
         torch.testing.assert_close(block[:, : real.shape[1]], real)
         assert (block[:, real.shape[1] :] == 0).all()  # end padding
     torch.testing.assert_close(unfold_time(xf, s, t), x)
+    # the folded input lies in time-major memory, so a fused RNN's own transpose to time-major is free
+    # (dilation 1 folds nothing: x itself, no copy)
+    assert xf.transpose(0, 1).is_contiguous() if s > 1 else xf.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(unfold_time(xf.contiguous(), s, t), x)  # a batch-first output unfolds too
     times = torch.rand(b, t)
     torch.testing.assert_close(unfold_time(fold_time(times, s), s, t), times)
 

@@ -62,8 +62,10 @@ def fold_time(x: Tensor, dilation: int) -> Tensor:
     if n * s != t:
         pad = x.new_zeros(b, n * s - t, *rest)
         x = torch.cat([x, pad], dim=1)
-    x = x.reshape(b, n, s, *rest).movedim(2, 0)  # [s, b, n, ...]
-    return x.reshape(s * b, n, *rest)
+    # one copy into time-major memory [n, s*b, ...], returned as its batch-first view: a fused RNN
+    # (nn.GRU/nn.LSTM with batch_first) transposes its input to time-major, which is then free
+    x = x.reshape(b, n, s, *rest).movedim(0, 2)  # [n, s, b, ...]
+    return x.reshape(n, s * b, *rest).transpose(0, 1)
 
 
 def unfold_time(y: Tensor, dilation: int, length: int) -> Tensor:
@@ -72,7 +74,11 @@ def unfold_time(y: Tensor, dilation: int, length: int) -> Tensor:
     sb, n = y.shape[:2]
     rest = y.shape[2:]
     b = sb // s
-    y = y.reshape(s, b, n, *rest).movedim(0, 2).reshape(b, n * s, *rest)  # time index k*s + j
+    if y.dim() >= 2 and y.transpose(0, 1).is_contiguous():  # time-major memory (a fused RNN's output)
+        y = y.transpose(0, 1).reshape(n, s, b, *rest).movedim(2, 0)  # [b, n, s, ...]
+    else:
+        y = y.reshape(s, b, n, *rest).movedim(0, 2)  # [b, n, s, ...]
+    y = y.reshape(b, n * s, *rest)  # time index k*s + j
     return y if length == n * s else y[:, :length]
 
 
