@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from seqplat import ConfigError, SeqplatError, build_cell, build_model, build_run_config, build_task, count_parameters
 from seqplat.core.config import validate_component
+from seqplat.core.cpp_ext import extension_cache_dir
 from seqplat.plugins.unicornn import datasets, recurrence
 from seqplat.plugins.unicornn.cell import stability_margin
 from seqplat.plugins.unicornn.config import UnICORNNConfig
@@ -38,7 +39,7 @@ from seqplat.testing import check_cell, gradcheck_cell
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "plugins" / "unicornn.md"
 SHARED_DATA = ROOT.parent / "shared" / "data"
-EXT_CACHE = recurrence.extension_cache_dir()  # the user's cache, read before conftest isolates SEQPLAT_CACHE
+EXT_CACHE = extension_cache_dir()  # the user's cache, read before conftest isolates SEQPLAT_CACHE
 log = logging.getLogger(__name__)
 
 

@@ -26,11 +26,7 @@ and its exact inverse (time reversal)::
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,12 +34,11 @@ import torch
 from torch import Tensor
 
 from seqplat import SeqplatError
+from seqplat.core.cpp_ext import build_extension
 
 log = logging.getLogger(__name__)
 
 CPP_SOURCE = Path(__file__).with_name("unicornn_cpu.cpp")
-#: compile flags only (never link flags: -ffast-math at link time would set flush-to-zero process-wide)
-CPP_FLAGS = ("-O3", "-ffast-math", "-fopenmp-simd")
 Backend = Literal["auto", "cpp", "python"]
 
 
@@ -132,49 +127,19 @@ def python_backward(x: Tensor, w: Tensor, delta: Tensor, yT: Tensor, zT: Tensor,
 _EXT: dict[str, Any] = {"loaded": False, "error": None}
 
 
-def extension_cache_dir() -> Path:
-    """Where the C++ extension is built: ``$SEQPLAT_CACHE/ext`` or ``~/.cache/seqplat/ext``."""
-    root = os.environ.get("SEQPLAT_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "seqplat"
-    return base / "ext"
-
-
-def _extension_name() -> str:
-    key = CPP_SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CPP_FLAGS).encode()
-    digest = hashlib.sha256(key).hexdigest()[:12]
-    return f"seqplat_unicornn_cpu_{digest}"
-
-
 def load_cpp_extension(strict: bool = False, cache_dir: Path | None = None) -> bool:
     """Compile (first use only, about 15 s) and load the C++ kernel; True when it is usable.
 
-    The build goes to ``cache_dir`` (default :func:`extension_cache_dir`) in a folder named after
-    the source's hash and the torch version, so an edit or a torch upgrade rebuilds it. Failures
-    (no compiler, no ninja, a compile error) are remembered and logged once; with ``strict`` they
-    raise :class:`~seqplat.SeqplatError` instead.
+    The build is cached and tuned to this CPU (see :mod:`seqplat.core.cpp_ext`); ``cache_dir``
+    overrides the cache folder. Failures (no compiler, no ninja, a compile error) are remembered
+    and logged once; with ``strict`` they raise :class:`~seqplat.SeqplatError` instead.
     """
     if _EXT["loaded"]:
         return True
-    if _EXT["error"] is None:
-        compiler = os.environ.get("CXX", "c++")
-        if shutil.which(compiler) is None:
-            _EXT["error"] = f"no C++ compiler '{compiler}' on PATH (set CXX to use another)"
-        else:
-            name = _extension_name()
-            build = (cache_dir or extension_cache_dir()) / name
-            try:
-                build.mkdir(parents=True, exist_ok=True)
-                from torch.utils import cpp_extension
-
-                log.info("unicornn: building the C++ recurrence kernel in %s (first use only)", build)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    cpp_extension.load(name=name, sources=[str(CPP_SOURCE)], build_directory=str(build),
-                                       extra_cflags=list(CPP_FLAGS), is_python_module=False, verbose=False)
-                _EXT["loaded"] = True
-                return True
-            except Exception as exc:  # compile or load failure: fall back to the Python backend
-                _EXT["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+    first = _EXT["error"] is None
+    if build_extension(_EXT, CPP_SOURCE, "seqplat_unicornn_cpu", "unicornn", cache_dir):
+        return True
+    if first:
         log.warning("unicornn: C++ kernel unavailable (%s); using the PyTorch backend", _EXT["error"])
     if strict:
         raise SeqplatError(

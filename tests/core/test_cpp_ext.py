@@ -1,0 +1,65 @@
+"""Building plugins' C++ kernels: cache names, native then portable flags, failures remembered."""
+
+from pathlib import Path
+
+import pytest
+from torch.utils import cpp_extension
+
+from seqplat.core import cpp_ext
+
+SOURCE = Path(cpp_ext.__file__).parents[1] / "plugins" / "unicornn" / "unicornn_cpu.cpp"
+
+
+def test_cache_names_follow_flags_and_only_native_builds_follow_the_cpu(monkeypatch):
+    native = cpp_ext.extension_name("k", SOURCE, cpp_ext.NATIVE_FLAGS)
+    portable = cpp_ext.extension_name("k", SOURCE, cpp_ext.PORTABLE_FLAGS)
+    assert native != portable and native.startswith("k_")
+    monkeypatch.setattr(cpp_ext, "cpu_fingerprint", lambda: "another cpu")
+    assert cpp_ext.extension_name("k", SOURCE, cpp_ext.NATIVE_FLAGS) != native  # a shared cache, another machine
+    assert cpp_ext.extension_name("k", SOURCE, cpp_ext.PORTABLE_FLAGS) == portable
+
+
+def test_portable_env_skips_the_native_build(monkeypatch):
+    assert cpp_ext.flag_sets() == [cpp_ext.NATIVE_FLAGS, cpp_ext.PORTABLE_FLAGS]
+    monkeypatch.setenv("SEQPLAT_PORTABLE_CPP", "1")
+    assert cpp_ext.flag_sets() == [cpp_ext.PORTABLE_FLAGS]
+
+
+@pytest.fixture
+def fake_load(monkeypatch):
+    """cpp_extension.load that records its flags and fails on those listed in ``refuse``."""
+    calls: list[tuple[str, ...]] = []
+    refuse: list[tuple[str, ...]] = []
+
+    def load(*, extra_cflags, **_):
+        calls.append(tuple(extra_cflags))
+        if tuple(extra_cflags) in refuse:
+            raise RuntimeError("c++: error: unsupported argument 'native' to option '-march='")
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    return calls, refuse
+
+
+def test_a_refused_native_build_falls_back_to_portable_flags(fake_load, tmp_path):
+    calls, refuse = fake_load
+    refuse.append(cpp_ext.NATIVE_FLAGS)
+    state = {"loaded": False, "error": None}
+    assert cpp_ext.build_extension(state, SOURCE, "k", "test", tmp_path)
+    assert calls == [cpp_ext.NATIVE_FLAGS, cpp_ext.PORTABLE_FLAGS] and state["loaded"]
+    assert cpp_ext.build_extension(state, SOURCE, "k", "test", tmp_path) and len(calls) == 2  # loaded once
+
+
+def test_a_failed_build_is_remembered_and_not_retried(fake_load, tmp_path):
+    calls, refuse = fake_load
+    refuse.extend([cpp_ext.NATIVE_FLAGS, cpp_ext.PORTABLE_FLAGS])
+    state = {"loaded": False, "error": None}
+    assert not cpp_ext.build_extension(state, SOURCE, "k", "test", tmp_path)
+    assert "unsupported argument 'native'" in state["error"]
+    assert not cpp_ext.build_extension(state, SOURCE, "k", "test", tmp_path) and len(calls) == 2
+
+
+def test_no_compiler_is_reported_by_name(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    state = {"loaded": False, "error": None}
+    assert not cpp_ext.build_extension(state, SOURCE, "k", "test", tmp_path)
+    assert state["error"] == "no C++ compiler '/nonexistent/c++' on PATH (set CXX to use another)"
