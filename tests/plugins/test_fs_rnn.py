@@ -132,6 +132,7 @@ def test_fs_rnn_conformance_with_dropout_configured():
 @pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
 def test_update_order_and_what_each_cell_reads(fast):
     cell = fs(3).eval()
+    cell.explicit_backward = False  # the planned loop: the fused one (test_fs_rnn_fused.py) makes no inner calls
     spy = Spy(cell)
     x = torch.randn(2, 3, 3)
     cell.use_fast_path = fast
@@ -408,6 +409,7 @@ def test_dropout_sites_reference_path():
 def test_dropout_sites_fast_path():
     p = 0.5
     cell = fs(2, fast=ln(16), slow=ln(12), dropout=p).train()
+    cell.explicit_backward = False  # the planned loop; the fused one is checked against it in test_fs_rnn_fused.py
     spy = Spy(cell)
     seen: list[Tensor] = []
     f1 = cell.fast_cells[0]

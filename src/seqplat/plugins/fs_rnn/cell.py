@@ -32,6 +32,10 @@ from seqplat.core.cell import Cell, State, flatten_state
 from seqplat.core.config import format_validation_error
 from seqplat.core.errors import SeqplatError
 
+from .fused import FSLNLSTMRecurrence, FusedPlan, draw_masks
+from .ln_lstm import LNLSTMCell
+from .zoneout import combine_keep
+
 
 def _default_inner(hidden_size: int) -> dict[str, Any]:
     return {"name": "ln_lstm", "hidden_size": hidden_size, "zoneout_keep_h": 0.9, "zoneout_keep_c": 0.5}
@@ -103,7 +107,9 @@ class FSRNNCell(StepCell):
     computation with the input and output dropout applied to whole sequences and, for inner cells
     that offer ``plan_steps``/``project_inputs``/``step_planned`` (``ln_lstm``), weights prepared
     once per sequence, F1's input product hoisted out of the time loop and the zero inputs of
-    F3..Fk skipped.
+    F3..Fk skipped. When every inner cell is an ``ln_lstm`` and gradients are on, ``fast_forward``
+    runs the loop through :class:`~.fused.FSLNLSTMRecurrence` (hand-written backward, one
+    weight-gradient GEMM per matrix).
     """
 
     config_class = FSRNNConfig
@@ -128,6 +134,8 @@ class FSRNNCell(StepCell):
         self._check_chain()
         # instance-level: a wrapper reads timestamps exactly when one of its inner cells does
         self.uses_time = any(c.uses_time for c in self.inner_cells())  # type: ignore[misc]
+        #: train through the hand-written backward of :mod:`.fused` (False: autograd on the planned loop)
+        self.explicit_backward = True
 
     @staticmethod
     def _build(field: str, spec: dict[str, Any], input_size: int, role: str, hint: str = "") -> Cell:
@@ -213,6 +221,8 @@ class FSRNNCell(StepCell):
         """Same equations with sequence-level dropout at the input and output, F1's input product
         hoisted out of the loop, LN4's shift and transposed weights prepared once, and the zero inputs of
         F3..Fk skipped, for inner cells that offer ``plan_steps`` (``ln_lstm``); others use ``step``."""
+        if self.explicit_backward and torch.is_grad_enabled() and self._fusable():
+            return self._fused_forward(x, state)
         fast_state, slow_state = state
         f1, f2, *rest = self.fast_cells
         zeros = x.new_zeros(x.shape[0], self.config.inputless_width)
@@ -234,3 +244,39 @@ class FSRNNCell(StepCell):
                 y, fast_state = step(None, fast_state, t)
             ys.append(y)
         return self._drop(torch.stack(ys, dim=1)), (fast_state, slow_state)  # site 4, all steps at once
+
+    # -- fused path: LN-LSTM inner cells, hand-written backward ----------------------------------
+    def _fusable(self) -> bool:
+        """Every inner cell a plain ``ln_lstm`` (no activation quantizers) and F1 with an input matrix."""
+        cells = self.inner_cells()
+        return (all(type(c) is LNLSTMCell and not c.activation_quantizers for c in cells)
+                and self.fast_cells[0].weight_x is not None)  # type: ignore[union-attr]
+
+    def _fused_forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """:meth:`fast_forward` through :class:`~.fused.FSLNLSTMRecurrence`. Site 1 dropout first, then
+        every zoneout and dropout mask drawn up front in the order the planned loop draws them."""
+        (h_f, c_f), (h_s, c_s) = state
+        f1, f2, *rest = self.fast_cells
+        slow = self.slow_cell
+        b, steps = x.shape[0], x.shape[1]
+        x = self._drop(x)  # site 1, all steps at once
+        cells: list[LNLSTMCell] = [f1, slow, f2, *rest]  # type: ignore[list-item]
+        keeps = [(combine_keep(c.config.zoneout_keep_h, c.zoneout_prob),
+                  combine_keep(c.config.zoneout_keep_c, c.zoneout_prob)) for c in cells]
+        p = self.config.dropout if self.training else 0.0
+        zone, drop2, drop3 = draw_masks(steps, b, [c.config.hidden_size for c in cells], keeps,
+                                        [c.training for c in cells], p, x)
+        xp = F.linear(x.transpose(0, 1), f1.weight_x, f1.bias)  # eq. 1's W_x x_t + b, [t, b, 4n]
+        params: list[Tensor | None] = []
+        for i, c in enumerate(cells):
+            if i in (1, 2):  # S and F2: [W_x | W_h] against [u | h_prev]
+                w, bias = torch.cat([c.weight_x, c.weight_h], dim=1), c.bias
+            else:  # F1 (input product hoisted into xp) and the input-less F3..Fk
+                w, bias = c.weight_h, (None if i == 0 else c.bias)
+            params += [w, bias, c.ln_gain, c._shift_with_forget_bias(), c.ln_c_gain, c.ln_c_shift]
+        plan = FusedPlan(self.config.num_fast, [c.config.ln_eps for c in cells], zone, drop2, drop3)
+        ys, h_f, c_f, h_s, c_s = FSLNLSTMRecurrence.apply(xp, h_f, c_f, h_s, c_s, plan, *params)
+        y = ys.transpose(0, 1)
+        if self.training and p > 0:  # batch-major like the planned path, so site 4 draws its mask alike
+            y = y.contiguous()
+        return self._drop(y), ((h_f, c_f), (h_s, c_s))  # site 4, all steps at once
