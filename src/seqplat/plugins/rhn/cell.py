@@ -24,7 +24,9 @@ scaling; all masks are ones in eval mode. ``gate_dropout`` is Suarez's ordinary 
 on ``t`` after R3.
 
 The reference path is ``step`` unrolled by :class:`~seqplat.StepCell`; the fast path hoists the
-input projection of all steps into one matmul and iterates over ``unbind`` (PERF_NOTES.md).
+input projection of all steps into one matmul (PERF_NOTES.md) and, in training, runs the loop through
+the hand-written backward of :mod:`seqplat.plugins.rhn.fused` (one weight-gradient GEMM per
+micro-layer over all steps).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ from .common import (
     init_weight_,
     none_from_text,
     set_transform_bias_,
+    step_dropout_masks,
 )
+from .fused import RHNRecurrence, Workspace, rhn_loop
 
 
 class RHNConfig(CellConfig):
@@ -129,6 +133,9 @@ class RHNCell(StepCell):
         self.bias_hh = nn.Parameter(torch.empty(depth, 2 * n))
         self._step_masks: RHNMasks | None = None
         self._step_masks_batch = 0
+        #: train through the hand-written backward of :mod:`.fused` (False: autograd on the fast loop)
+        self.explicit_backward = True
+        self._workspace = Workspace()  # saved buffers of the hand-written backward, reused across calls
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -158,6 +165,12 @@ class RHNCell(StepCell):
             dropout_mask((batch_size, n), cfg.hidden_dropout, like),
             dropout_mask((batch_size, n), cfg.output_dropout, like),
         )
+
+    def train(self, mode: bool = True) -> RHNCell:
+        """Switch mode; leaving training frees the buffers kept for the hand-written backward."""
+        if not mode:
+            self._workspace.clear()
+        return super().train(mode)
 
     def reset_masks(self) -> None:
         """Forget the masks kept for :meth:`step` (call at the start of each sequence when a wrapper
@@ -206,28 +219,51 @@ class RHNCell(StepCell):
 
     # -- fast path: hoisted input projection --------------------------------------------------------
     def fast_forward(self, x: Tensor, state: State, *, times: Tensor | None = None) -> tuple[Tensor, State]:
+        """The reference recurrence with the input projection of all steps in one matmul.
+
+        When gradients are needed the loop runs through :class:`~.fused.RHNRecurrence`, whose
+        hand-written backward computes each micro-layer's weight gradient as one GEMM over all steps
+        (``explicit_backward = False``: autograd on the per-step loop instead). Without gradients it
+        is :func:`~.fused.rhn_loop`. Every dropout mask is drawn in the reference path's order, so with
+        the same seed both paths agree in training too.
+        """
         masks = self.draw_masks(x.shape[0], x)  # same draws, same order as the reference path
-        w = self.weights()
+        w_ih, b_ih, w_hh, b_hh = self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh  # read once
         x_in = x if masks.input is None else x * masks.input.unsqueeze(1)
-        xp = F.linear(x_in, w.weight_ih, w.bias_ih) + w.bias_hh[0]  # [b, t, 2n]: all steps at once
-        r_t = [r.t() for r in w.weight_hh]
-        p_gate = self.config.gate_dropout if self.training else 0.0
-        mh = masks.hidden
-        s = state
-        ys = []
-        for xp_t in xp.unbind(1):
-            for layer in range(len(r_t)):
-                s_in = s if mh is None else s * mh
-                if layer == 0:
-                    u = torch.addmm(xp_t, s_in, r_t[0])
-                else:
-                    u = torch.addmm(w.bias_hh[layer], s_in, r_t[layer])
-                s = highway_fast(u, s, dropout_mask(tuple(s.shape), p_gate, s))
-            ys.append(s)
-        y = torch.stack(ys, dim=1)
+        xp = F.linear(x_in.transpose(0, 1), w_ih, b_ih)  # [t, b, 2n]: (W_H x_t ; W_T x_t) (+ b_in), all steps
+        mask_g = self._gate_masks(xp.shape[0], x.shape[0], x)
+        needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in (xp, state, w_hh, b_hh))
+        if not needs_grad:
+            ys, s, _ = rhn_loop(xp, state, w_hh, b_hh, masks.hidden, mask_g, keep=False)
+        elif self.explicit_backward:
+            ys, s = RHNRecurrence.apply(xp, state, w_hh, b_hh, masks.hidden, mask_g, self._workspace)
+        else:
+            ys, s = self._autograd_loop(xp, state, w_hh, b_hh, masks.hidden, mask_g)
+        y = ys.transpose(0, 1)  # [b, t, n]
         if masks.output is not None:
             y = y * masks.output.unsqueeze(1)
         return y, s
+
+    def _gate_masks(self, steps: int, batch: int, like: Tensor) -> Tensor | None:
+        """Gate-dropout masks ``[t, L, b, n]`` for a whole sequence, drawn in the order :meth:`_step`
+        draws them, so both paths consume the random stream alike."""
+        p = self.config.gate_dropout if self.training else 0.0
+        return step_dropout_masks(steps, self.config.depth, batch, self.config.hidden_size, p, like)
+
+    @staticmethod
+    def _autograd_loop(xp: Tensor, s: Tensor, w_hh: Tensor, b_hh: Tensor, mask_h: Tensor | None,
+                       mask_g: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The fast loop under autograd (one small weight-gradient GEMM per micro-layer and step)."""
+        xp = xp + b_hh[0]
+        r_t = [r.t() for r in w_hh.unbind(0)]
+        ys = []
+        for step, xp_t in enumerate(xp.unbind(0)):  # unbind keeps the backward linear in t
+            for layer in range(len(r_t)):
+                s_in = s if mask_h is None else s * mask_h
+                u = torch.addmm(xp_t if layer == 0 else b_hh[layer], s_in, r_t[layer])
+                s = highway_fast(u, s, None if mask_g is None else mask_g[step, layer])  # R1-R4
+            ys.append(s)
+        return torch.stack(ys), s
 
     def extra_repr(self) -> str:
         c = self.config

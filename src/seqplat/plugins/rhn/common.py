@@ -61,6 +61,19 @@ def dropout_mask(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor | Non
     return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(keep).div_(keep)
 
 
+def step_dropout_masks(steps: int, depth: int, batch: int, width: int, p: float, like: Tensor) -> Tensor | None:
+    """Ordinary dropout masks ``[t, L, b, n]`` for every step and micro-layer of a sequence, or None
+    when ``p == 0``. Drawn one ``[b, n]`` slice at a time, so they use the random stream exactly as
+    ``t * L`` calls of :func:`dropout_mask` in step-then-layer order do (the reference paths)."""
+    if p <= 0.0:
+        return None
+    keep = 1.0 - p
+    masks = torch.empty((steps, depth, batch, width), dtype=like.dtype, device=like.device)
+    for mask in masks.view(-1, batch, width).unbind(0):
+        mask.bernoulli_(keep)
+    return masks.div_(keep)
+
+
 @torch.no_grad()
 def init_weight_(w: Tensor, scheme: Init, scale: float) -> None:
     """A weight matrix (or a stack ``[L, out, in]`` of them): ``U(-scale, scale)`` (Zilly's TF

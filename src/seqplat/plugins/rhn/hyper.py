@@ -26,7 +26,8 @@ Parameters: hyper ``hyper_weight_ih [2n̂, d_in]`` (Ŵ), ``hyper_bias_ih [2n̂]`
 
 Reference path: ``step`` per time step. Fast path: the hyper RHN never reads the main state, so it
 runs first over all steps; then every ``z^l`` of every step comes from one matmul per depth, the
-input projections of both networks are hoisted, and the main loop iterates over ``unbind``.
+input projections of both networks are hoisted, and the main loop iterates over ``unbind``. In
+training both loops run through the hand-written backward of :mod:`seqplat.plugins.rhn.fused`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ from .common import (
     init_weight_,
     none_from_text,
     set_transform_bias_,
+    step_dropout_masks,
 )
+from .fused import RHNRecurrence, Workspace
 
 
 class HyperRHNConfig(CellConfig):
@@ -124,6 +127,9 @@ class HyperRHNCell(StepCell):
         self.bias_ih = nn.Parameter(torch.empty(2 * n))
         self.weight_hh = nn.Parameter(torch.empty(d, 2 * n, n))
         self.bias_hh = nn.Parameter(torch.empty(d, 2 * n))
+        #: train through the hand-written backward of :mod:`.fused` (False: autograd on the fast loops)
+        self.explicit_backward = True
+        self._workspace = Workspace()  # saved buffers of the hand-written backward, reused across calls
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -145,6 +151,12 @@ class HyperRHNCell(StepCell):
             init_bias_(self.proj_bias, scheme, scale, c.hyper_size)
         set_transform_bias_(self.hyper_bias_hh, self.hyper_bias_ih, c.transform_bias)
         set_transform_bias_(self.bias_hh, self.bias_ih, c.transform_bias)
+
+    def train(self, mode: bool = True) -> HyperRHNCell:
+        """Switch mode; leaving training frees the buffers kept for the hand-written backward."""
+        if not mode:
+            self._workspace.clear()
+        return super().train(mode)
 
     def initial_state(self, batch_size: int, device: torch.device | None = None,
                       dtype: torch.dtype | None = None) -> State:
@@ -228,9 +240,19 @@ class HyperRHNCell(StepCell):
         return zs, sh
 
     def fast_forward(self, x: Tensor, state: State, *, times: Tensor | None = None) -> tuple[Tensor, State]:
+        """The reference recurrence with both input projections and every ``z^l_t`` hoisted.
+
+        When gradients are needed both loops run through :class:`~.fused.RHNRecurrence` (hand-written
+        backward, one weight-gradient GEMM per matrix over all steps; ``explicit_backward = False``:
+        autograd on the loops below instead). Gate-dropout masks are drawn in the reference order.
+        """
+        hyper_masks = self._hyper_masks(x.shape[1], x.shape[0], x)
+        needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in (x, *state, *self.parameters()))
+        if needs_grad and self.explicit_backward:
+            return self._explicit_backward_forward(x, state, hyper_masks)
         sh, s = state
         w = self.weights()
-        zs, sh = self._hyper_pass(x, sh, w, self._hyper_masks(x.shape[1], x.shape[0], x))
+        zs, sh = self._hyper_pass(x, sh, w, hyper_masks)
         zz = [torch.cat([z, z], dim=-1) for z in zs]  # [b, t, 2n] per depth
         a0 = torch.addcmul(w.b_ih + w.b_hh[0], zz[0], F.linear(x, w.ih))  # layer-1 input term, all steps
         steps = [a0.unbind(1)] + [z.unbind(1) for z in zz]
@@ -247,6 +269,28 @@ class HyperRHNCell(StepCell):
                 s = highway_fast(u, s, dropout_mask(tuple(s.shape), p, s))
             ys.append(s)
         return torch.stack(ys, dim=1), (sh, s)
+
+    def _explicit_backward_forward(self, x: Tensor, state: State, hyper_masks: Tensor | None) -> tuple[Tensor, State]:
+        """:meth:`fast_forward` through :class:`~.fused.RHNRecurrence`: the hyper RHN keeping every
+        micro-layer's output (eq. H1), all ``z^l_t`` in one batched matmul (eq. H2), then the main RHN
+        with its recurrent products scaled by ``z`` (eq. H3)."""
+        sh, s = state
+        c = self.config
+        n, depth = c.hidden_size, c.depth
+        steps, b = x.shape[1], x.shape[0]
+        x_t = x.transpose(0, 1)  # [t, b, d]
+        # eq. H1, all steps: Ŵ e_t + b̂_in hoisted (b̂_1 is added inside)
+        sh_all, sh = RHNRecurrence.apply(F.linear(x_t, self.hyper_weight_ih, self.hyper_bias_ih), sh,
+                                         self.hyper_weight_hh, self.hyper_bias_hh, None, hyper_masks,
+                                         self._workspace, None, True)  # [d, t, b, n̂]
+        # eq. H2: z^l = P_l ŝ^l + p_l for every depth and step in one batched matmul
+        z = torch.baddbmm(self.proj_bias.unsqueeze(1), sh_all.reshape(depth, steps * b, -1),
+                          self.proj_weight.transpose(1, 2)).view(depth, steps, b, n)
+        # eq. H3, layer 1's input term for all steps: [z^1; z^1] * (W e_t) + b_in (b_1 is added inside)
+        a0 = torch.addcmul(self.bias_ih, torch.cat([z[0], z[0]], dim=-1), F.linear(x_t, self.weight_ih))
+        mask_g = step_dropout_masks(steps, depth, b, n, self._gate_p(), x)  # after the hyper masks, as in _step
+        ys, s = RHNRecurrence.apply(a0, s, self.weight_hh, self.bias_hh, None, mask_g, self._workspace, z)
+        return ys.transpose(0, 1), (sh, s)
 
     @torch.no_grad()
     def scales(self, x: Tensor, state: State = None) -> Tensor:
