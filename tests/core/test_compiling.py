@@ -166,3 +166,19 @@ def test_trainer_step_mode_trains_and_reports_its_compile_time(tiny_run, caplog)
     assert "compiled the step of LNLSTMCell" in caplog.text
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("torch.compile:")]
     assert len(lines) == 1 and float(lines[0].split()[1]) > 0.1
+
+
+@pytest.mark.parametrize("name", ["rhn", "hyper_rhn"])
+def test_rhn_cells_name_the_per_step_method_their_own_loop_calls(name):
+    from seqplat import build_cell
+
+    torch.manual_seed(0)
+    cell = build_cell({"name": name, "hidden_size": 4, "depth": 2}, 3)
+    x = torch.randn(2, 5, 3)
+    cell.use_fast_path = False
+    ref = cell(x)[0]
+    calls: list[str] = []
+    compiled = compile_steps(cell, _counting_compiler(calls))
+    assert compiled.names == [""] and calls[0].endswith("._step")
+    torch.testing.assert_close(cell(x)[0], ref)
+    assert calls.count("run") == 5

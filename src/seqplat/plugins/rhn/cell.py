@@ -206,6 +206,10 @@ class RHNCell(StepCell):
             masks = self._step_masks
         return self._step(x_t, state, masks, self.weights())
 
+    def step_compile_target(self) -> str | None:
+        """``train.compile=step`` compiles ``_step``: the reference loop calls it once per time step."""
+        return "_step"
+
     def reference_forward(self, x: Tensor, state: State, *,
                           times: Tensor | None = None) -> tuple[Tensor, State]:
         masks = self.draw_masks(x.shape[0], x)  # one set per sequence (variational)

@@ -208,6 +208,10 @@ class HyperRHNCell(StepCell):
         hm = dropout_mask((self.config.depth, x_t.shape[0], self.config.hyper_size), self._gate_p(), x_t)
         return self._step(x_t, state, hm, self.weights())
 
+    def step_compile_target(self) -> str | None:
+        """``train.compile=step`` compiles ``_step``: the reference loop calls it once per time step."""
+        return "_step"
+
     def reference_forward(self, x: Tensor, state: State, *,
                           times: Tensor | None = None) -> tuple[Tensor, State]:
         b, time = x.shape[0], x.shape[1]
