@@ -21,6 +21,8 @@ def test_bench_json_reports_ratios_consistent_with_its_own_measurements():
     assert r["train_ratio_vs_lstm"] == pytest.approx(r["train_tokens_per_s"] / r["lstm_train_tokens_per_s"])
     assert r["infer_ratio_vs_lstm"] == pytest.approx(r["infer_tokens_per_s"] / r["lstm_infer_tokens_per_s"])
     assert r["flop_rate_ratio_vs_lstm"] == pytest.approx(r["gflops_train"] / r["lstm_gflops_train"])
+    if r["train_peak_mb"] is not None:  # Linux: one training step's peak resident growth, beside the LSTM's
+        assert r["train_peak_mb"] >= 0 and r["lstm_train_peak_mb"] >= 0
     # per-step inference time is the inverse of the inference throughput, per sequence in the batch
     assert r["infer_step_us_per_token_row"] == pytest.approx(1e6 * r["batch"] / r["infer_tokens_per_s"], rel=1e-6)
     assert r["lstm_infer_step_us_per_token_row"] == pytest.approx(

@@ -316,12 +316,16 @@ def bench(plugin, recipe, config_files, overrides, hidden, batch, time_steps, in
                         step = (f"  infer step {r.infer_step_us_per_token_row:,.1f} us "
                                 f"(LSTM {r.lstm_infer_step_us_per_token_row:,.1f} us)") if r.batch == 1 else ""
                         step += f"  compile {r.compile_s:.1f} s" if compiled else ""
+                        memory = f"saved {r.saved_mb:.1f} MB"
+                        if r.train_peak_mb is not None:
+                            memory = (f"train peak +{r.train_peak_mb:,.0f} MB (LSTM +{r.lstm_train_peak_mb or 0:,.0f}"
+                                      f" MB)  {memory}")
                         click.echo(
                             f"{r.name:<14} H={r.hidden:<5} B={r.batch:<4} T={r.time:<5} thr={r.threads} "
                             f"train {r.train_tokens_per_s:>10,.0f} tok/s ({r.train_ratio_vs_lstm:.2f}x LSTM)  "
                             f"infer {r.infer_tokens_per_s:>10,.0f} tok/s ({r.infer_ratio_vs_lstm:.2f}x)  "
                             f"{r.gflops_train:6.1f} GFLOP/s ({r.flop_rate_ratio_vs_lstm:.2f}x LSTM, "
-                            f"peak {r.matmul_peak_gflops:.0f})  saved {r.saved_mb:.1f} MB{step}"
+                            f"peak {r.matmul_peak_gflops:.0f})  {memory}{step}"
                         )
     if as_json:
         echo_json(results)

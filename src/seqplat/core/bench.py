@@ -6,8 +6,11 @@ machine stay comparable. Tokens/s counts time steps x batch per second; training
 of ``sum(y * w)``; inference is a no-grad forward. Timings are medians of ``repeats`` after ``warmup``, the
 cell's and the LSTM's calls alternating round by round so that both see the same state of the machine.
 
-Memory: ``saved_mb`` is what autograd keeps for the backward pass (the tensors saved during the forward,
-counted once per storage), the part that grows with sequence length; ``peak_rss_mb`` is the process's
+Memory: ``train_peak_mb`` is how far one training step raises the process's resident memory at its
+peak (Linux; activations, gradients and workspaces, whoever holds them), beside the LSTM's
+``lstm_train_peak_mb``. ``saved_mb`` is what autograd's saved-tensor hooks see the forward keep for the
+backward (counted once per storage); a hand-written backward that keeps its buffers on its context
+(gam_rhn, rhn, fs_rnn) is not seen there, only in ``train_peak_mb``. ``peak_rss_mb`` is the process's
 peak resident memory so far (monotonic, shown for reference).
 """
 
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 
 from seqplat.core.compiling import CompiledSteps, compile_steps
-from seqplat.core.cpu_memory import reuse_freed_memory
+from seqplat.core.cpu_memory import peak_growth_mb, reuse_freed_memory
 from seqplat.core.errors import ConfigError
 from seqplat.core.model import build_cell
 
@@ -54,6 +57,9 @@ class BenchResult:
     flop_rate_ratio_vs_lstm: float = 0.0
     matmul_peak_gflops: float = 0.0
     compile_s: float = 0.0
+    train_peak_mb: float | None = None
+    lstm_train_peak_mb: float | None = None
+    train_peak_ratio_vs_lstm: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,6 +186,15 @@ class _Probe:
             flops = 2 * 4 * h * (2 * d + 3 * h) * b * t
         return float(flops)
 
+    def train_peak_mb(self) -> float | None:
+        """Peak resident growth of one training step (:func:`~seqplat.core.cpu_memory.peak_growth_mb`).
+
+        The module goes through eval mode first, which makes cells drop buffers they keep between
+        training calls (rhn's workspace), so those count as part of the step."""
+        self.module.eval()
+        self.module.train()
+        return peak_growth_mb(self.train_step)
+
     def saved_mb(self) -> float:
         saved = _SavedBytes()
         with self.steps.suspended(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
@@ -197,7 +212,7 @@ def _measure(probe: _Probe, train_s: float, infer_s: float) -> dict:
     return {
         "compile_s": compile_s, "train_tps": b * t / train_s, "infer_tps": b * t / infer_s, "train_s": train_s,
         "infer_s": infer_s, "flops_per_token": flops / (b * t), "gflops": flops / train_s / 1e9,
-        "saved_mb": probe.saved_mb(),
+        "saved_mb": probe.saved_mb(), "train_peak_mb": probe.train_peak_mb(),
     }
 
 
@@ -250,6 +265,7 @@ def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: i
         flops_per_token_train=m["flops_per_token"], gflops_train=m["gflops"], saved_mb=m["saved_mb"],
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         params=sum(p.numel() for p in cell.parameters()), compile_s=m["compile_s"],
+        train_peak_mb=m["train_peak_mb"],
     )
     if ml is not None:
         res.lstm_train_tokens_per_s, res.lstm_infer_tokens_per_s = ml["train_tps"], ml["infer_tps"]
@@ -258,6 +274,9 @@ def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: i
         res.train_ratio_vs_lstm = res.train_tokens_per_s / ml["train_tps"]
         res.infer_ratio_vs_lstm = res.infer_tokens_per_s / ml["infer_tps"]
         res.flop_rate_ratio_vs_lstm = res.gflops_train / max(ml["gflops"], 1e-12)
+        res.lstm_train_peak_mb = ml["train_peak_mb"]
+        if res.train_peak_mb is not None and ml["train_peak_mb"]:
+            res.train_peak_ratio_vs_lstm = res.train_peak_mb / ml["train_peak_mb"]
     res.matmul_peak_gflops = peak if peak is not None else matmul_peak_gflops()
     return res
 

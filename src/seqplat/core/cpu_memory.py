@@ -20,6 +20,7 @@ import ctypes
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 log = logging.getLogger("seqplat.cpu_memory")
 
@@ -63,3 +64,39 @@ def reuse_freed_memory() -> bool:
         log.debug("glibc refused the malloc thresholds; keeping its defaults")
     _applied = ok
     return ok
+
+
+def _status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def peak_growth_mb(fn: Callable[[], object]) -> float | None:
+    """How far the process's resident memory rose above its level before ``fn()``, at its peak, in MiB.
+
+    This sees every buffer ``fn`` touches, whoever holds it (autograd's saved tensors, a hand-written
+    backward's own buffers, kernels' workspaces). Free memory that malloc keeps (see
+    :func:`reuse_freed_memory`) is handed back first and the kernel's high-water mark is reset
+    (``/proc/self/clear_refs``), so memory freed by earlier work is not counted as already there.
+    Linux with glibc only; None elsewhere (``fn`` still runs).
+    """
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident size
+    except (OSError, AttributeError):
+        fn()
+        return None
+    before = _status_mb("VmRSS")
+    fn()
+    peak = _status_mb("VmHWM")
+    return None if before is None or peak is None else max(peak - before, 0.0)
