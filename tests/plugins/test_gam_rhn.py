@@ -702,16 +702,16 @@ def test_explicit_backward_gradcheck_float64_with_dropout_masks():
     def t(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
-    weights = [t(d, h + 3 * d), t(d, n), t(h, sn), t(sn)]
+    weights = [t(d, 2 * d + h + d), t(2 * d), t(n, d), t(h, 2 * sn), t(2 * sn)]
     for i in range(depth):
-        weights += [t(h, sn), t(sn), t(n, 2 * d), t(n, d), t(d, d), t(d)]
+        weights += [t(n, 3 * d), t(d), t(d, d)]
         if i >= 1:
-            weights += [t(d, h + 2 * d), t(h + 2 * d)]
-    xp, m0, s0 = t(steps, b, h + 3 * d + n), t(b, slots, n), t(b, d)
+            weights += [t(d, 2 * d + h), t(2 * d), t(h, sn), t(sn)]
+    xp, m0, s0 = t(steps, b, h + d + n), t(b, slots, n), t(b, d)
     mask_g = (torch.rand(steps, b, n, dtype=torch.float64) > 0.3).double() / 0.7
     mask_r = (torch.rand(steps, depth, b, d, dtype=torch.float64) > 0.3).double() / 0.7
 
     def fn(xp_, m_, s_, *ws):
-        return GAMRHNRecurrence.apply(xp_, m_, s_, mask_g, mask_r, (h, d, n, slots, depth), *ws)
+        return GAMRHNRecurrence.apply(xp_, m_, s_, mask_g, mask_r, (h, d, n, slots, depth), None, *ws)
 
     assert torch.autograd.gradcheck(fn, (xp, m0, s0, *weights), eps=1e-6, atol=1e-6, rtol=1e-4)

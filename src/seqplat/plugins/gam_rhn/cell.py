@@ -50,7 +50,7 @@ from seqplat import StepCell
 from seqplat.core.cell import State
 
 from .config import GAMRHNConfig
-from .fused import GAMRHNRecurrence
+from .fused import GAMRHNRecurrence, Workspace
 
 
 def grouped_softmax(logits: Tensor, slots: int) -> Tensor:
@@ -133,6 +133,8 @@ class GAMRHNCell(StepCell):
         self.config: GAMRHNConfig = config
         #: train through the hand-written backward of :mod:`.fused` (False: autograd on the fast loop)
         self.explicit_backward = True
+        #: buffers the hand-written backward's saved activations reuse from one training call to the next
+        self.workspace = Workspace()
         d_in, d, h = input_size, config.hidden_size, config.head_size
         n, sn = config.groups, config.memory_size
         self.slots = config.slots
@@ -209,73 +211,82 @@ class GAMRHNCell(StepCell):
         m, s = state
         cfg, S = self.config, self.slots
         d_in, d, h, n = self.input_size, cfg.hidden_size, cfg.head_size, cfg.groups
-        b = x.shape[0]
+        b, steps = x.shape[0], x.shape[1]
         layers = list(self.layers)
         first = layers[0]
 
-        # x_t parts of W_hw, W_r, W_m for every step in one matmul, with the biases of the matrices
-        # that share an addmm below: columns [h_w | r | layer-1 gates | m_bar], [t, b, H+D+2D+N]
-        w_x = torch.cat([self.write_head[:, :d_in], self.reset_weight[:, :d_in],
-                         first.gate_weight.new_zeros(2 * d, d_in), self.value_weight[:, :d_in]])
-        b_x = torch.cat([self.reset_bias.new_zeros(h), self.reset_bias, first.gate_bias, self.value_bias])
-        xp = F.linear(x.transpose(0, 1), w_x, b_x)
-        # s_{t-1} feeds W_hw, W_r and layer 1's gates: one [D, H+D+2D] matrix
-        w_s0 = torch.cat([self.write_head[:, d_in:], self.reset_weight[:, d_in:], first.gate_weight[:, n:]]).t()
-        w_m_s = self.value_weight[:, d_in:].t()
+        # x_t parts of W_hw, W_r, W_m for every step in one matmul: columns [h_w | r | m_bar], [t, b, H+D+N]
+        w_x = torch.cat([self.write_head[:, :d_in], self.reset_weight[:, :d_in], self.value_weight[:, :d_in]])
+        b_x = torch.cat([self.reset_bias.new_zeros(h), self.reset_bias, self.value_bias])
+        xp = torch.addmm(b_x, x.transpose(0, 1).reshape(steps * b, d_in), w_x.t()).view(steps, b, -1)
+        # s_{t-1} feeds layer 1's gates, W_hw and W_r: one [D, 2D+H+D] matrix (layer 1's gate bias beside it)
+        w_s0 = torch.cat([first.gate_weight[:, n:], self.write_head[:, d_in:], self.reset_weight[:, d_in:]]).t()
+        w_s0 = w_s0.contiguous()
+        w_ms = self.value_weight[:, d_in:]  # [N, D]: applied as u @ w_ms.t()
         # addresses slot-major (column k*N + g is slot k of group g), so the grouped softmax runs over
-        # dim 1 of [b, S, N]: torch's softmax over a last dim of size S is some 10x slower
+        # dim 1 of [b, S, N]: torch's softmax over a last dim of size S is some 10x slower. h_w feeds the
+        # write address and layer 1's read address: one [H, 2SN] matrix
         perm = torch.arange(n * S, device=x.device).view(n, S).t().reshape(-1)
-        w_aw = self.write_address[perm].t()
-        b_aw = self.write_address_bias[perm] if self.write_address_bias is not None else None
-        # layers >= 2: s^{l-1} feeds W_h^l and the s-part of W_g^l
-        w_hs = [None] + [torch.cat([lay.read_head, lay.gate_weight[:, n:]]).t() for lay in layers[1:]]
-        b_hs = [None] + [torch.cat([lay.gate_bias.new_zeros(h), lay.gate_bias]) for lay in layers[1:]]
-        w_a = [lay.read_address[perm].t() for lay in layers]
-        b_a = [lay.read_address_bias[perm] if lay.read_address_bias is not None else None for lay in layers]
-        w_gx = [lay.gate_weight[:, :n].t() for lay in layers]
-        w_cx = [lay.candidate_weight[:, :n].t() for lay in layers]
-        w_cs = [lay.candidate_weight[:, n:].t() for lay in layers]
-        b_c = [lay.candidate_bias for lay in layers]
+
+        def address_bias(bias: Tensor | None) -> Tensor:
+            return x.new_zeros(n * S) if bias is None else bias[perm]
+
+        w_ad0 = torch.cat([self.write_address[perm], first.read_address[perm]]).t().contiguous()
+        b_ad0 = torch.cat([address_bias(self.write_address_bias), address_bias(first.read_address_bias)])
+        weights: list[Tensor] = [w_s0, first.gate_bias, w_ms, w_ad0, b_ad0]
+        for i, lay in enumerate(layers):
+            # xr^l feeds W_s^l and W_g^l: [N, D+2D], columns [candidate | r^l | z^l]
+            w_xr = torch.cat([lay.candidate_weight[:, :n], lay.gate_weight[:, :n]]).t().contiguous()
+            weights += [w_xr, lay.candidate_bias, lay.candidate_weight[:, n:].t().contiguous()]
+            if i >= 1:  # s^{l-1} feeds W_g^l and W_h^l: [D, 2D+H]
+                w_hs = torch.cat([lay.gate_weight[:, n:], lay.read_head]).t().contiguous()
+                weights += [w_hs, lay.gate_bias, lay.read_address[perm].t().contiguous(),
+                            address_bias(lay.read_address_bias)]
 
         m = m.reshape(b, n, S).transpose(1, 2).contiguous()  # inside the loop: [b, S slots, N groups]
         if self.explicit_backward and torch.is_grad_enabled():
-            return self._explicit_backward_forward(xp, m, s, w_s0, w_m_s, w_aw, b_aw, w_hs, b_hs, w_a, b_a,
-                                                   w_gx, w_cx, w_cs, b_c)
+            return self._explicit_backward_forward(xp, m, s, weights)
+        w_s0, b_g0, w_ms, w_ad0, b_ad0 = weights[:5]
+        b_s0 = torch.cat([b_g0, b_g0.new_zeros(h + d)])
+        layer_w, k = [], 5
+        for i in range(cfg.depth):
+            layer_w.append(weights[k : k + (3 if i == 0 else 7)])
+            k += len(layer_w[-1])
         ys = []
         for xp_t in xp.unbind(0):  # unbind keeps the backward linear in t
-            pre = torch.addmm(xp_t[:, : h + 3 * d], s, w_s0)
-            h_w = pre[:, :h]  # (1)
-            logits = h_w @ w_aw if b_aw is None else torch.addmm(b_aw, h_w, w_aw)
-            a_w = torch.softmax(logits.view(b, S, n), dim=1)  # (2)
-            r = torch.sigmoid(pre[:, h : h + d])  # (3)
-            m_bar = torch.tanh(torch.addmm(xp_t[:, h + 3 * d :], r * s, w_m_s))
+            pre = torch.addmm(b_s0, s, w_s0)
+            hr = pre[:, 2 * d :] + xp_t[:, : h + d]
+            h_w = hr[:, :h]  # (1)
+            a0 = torch.softmax(torch.addmm(b_ad0, h_w, w_ad0).view(b, 2, S, n), dim=2)  # (2), layer 1's read
+            r = torch.sigmoid(hr[:, h:])  # (3)
+            m_bar = torch.tanh(torch.addmm(xp_t[:, h + d :], r * s, w_ms.t()))
             m_bar = _dropout(m_bar, cfg.gam_dropout, self.training)
-            m = torch.lerp(m, m_bar.unsqueeze(1), a_w)  # (4): m + a (Dup(m_bar) - m)
-            gate_s = pre[:, h + d :]
-            for i in range(len(layers)):  # (5)
+            m = torch.lerp(m, m_bar.unsqueeze(1), a0[:, 0])  # (4): m + a (Dup(m_bar) - m)
+            for i, lw in enumerate(layer_w):  # (5)
                 if i == 0:
-                    h_l = h_w
+                    a, gate_s = a0[:, 1], pre[:, : 2 * d]
                 else:
-                    hs = torch.addmm(b_hs[i], s, w_hs[i])
-                    h_l, gate_s = hs[:, :h], hs[:, h:]
-                logits = h_l @ w_a[i] if b_a[i] is None else torch.addmm(b_a[i], h_l, w_a[i])
-                xr = (torch.softmax(logits.view(b, S, n), dim=1) * m).sum(1)
-                r_l, z_l = torch.sigmoid(torch.addmm(gate_s, xr, w_gx[i])).chunk(2, dim=-1)
-                s_hat = torch.tanh(torch.addmm(torch.addmm(b_c[i], xr, w_cx[i]), r_l * s, w_cs[i]))
+                    w_xr, b_c, w_cs, w_hs, b_hs, w_a, b_a = lw
+                    hs = torch.addmm(torch.cat([b_hs, b_hs.new_zeros(h)]), s, w_hs)
+                    gate_s = hs[:, : 2 * d]
+                    a = torch.softmax(torch.addmm(b_a, hs[:, 2 * d :], w_a).view(b, S, n), dim=1)
+                w_xr, b_c, w_cs = lw[:3]
+                xr = (a * m).sum(1)
+                xg = xr @ w_xr
+                r_l, z_l = torch.sigmoid(gate_s + xg[:, d:]).chunk(2, dim=-1)
+                s_hat = torch.tanh(torch.addmm(xg[:, :d] + b_c, r_l * s, w_cs))
                 s_hat = _dropout(s_hat, cfg.rhn_dropout, self.training)
                 s = torch.lerp(s_hat, s, z_l)  # z s + (1 - z) s_hat
             ys.append(s)  # (6)
         return torch.stack(ys, dim=1), (m.transpose(1, 2).reshape(b, n * S), s)
 
-    def _explicit_backward_forward(self, xp: Tensor, m: Tensor, s: Tensor, w_s0: Tensor, w_m_s: Tensor,
-                                   w_aw: Tensor, b_aw: Tensor | None, w_hs: list, b_hs: list, w_a: list,
-                                   b_a: list, w_gx: list, w_cx: list, w_cs: list,
-                                   b_c: list) -> tuple[Tensor, State]:
+    def _explicit_backward_forward(self, xp: Tensor, m: Tensor, s: Tensor,
+                                   weights: list[Tensor]) -> tuple[Tensor, State]:
         """The same recurrence through :class:`~.fused.GAMRHNRecurrence` (hand-written backward, one
         weight-gradient GEMM per matrix). Dropout masks are drawn up front in the reference order."""
         cfg, S = self.config, self.slots
         steps, b = xp.shape[0], xp.shape[1]
-        d, n, sn = cfg.hidden_size, cfg.groups, cfg.memory_size
+        d, n = cfg.hidden_size, cfg.groups
         draw_g = self.training and cfg.gam_dropout > 0
         draw_r = self.training and cfg.rhn_dropout > 0
         mask_g = xp.new_empty(steps, b, n) if draw_g else None
@@ -288,15 +299,15 @@ class GAMRHNCell(StepCell):
                 if mask_r is not None:
                     for i in range(cfg.depth):
                         mask_r[t, i] = F.dropout(ones_r, cfg.rhn_dropout, True)
-        zeros = xp.new_zeros(sn)
-        weights: list[Tensor] = [w_s0, w_m_s, w_aw, zeros if b_aw is None else b_aw]
-        for i in range(cfg.depth):
-            weights += [w_a[i], zeros if b_a[i] is None else b_a[i], w_gx[i], w_cx[i], w_cs[i], b_c[i]]
-            if i >= 1:
-                weights += [w_hs[i], b_hs[i]]
         dims = (cfg.head_size, d, n, S, cfg.depth)
-        ys, m, s = GAMRHNRecurrence.apply(xp, m, s, mask_g, mask_r, dims, *weights)
+        ys, m, s = GAMRHNRecurrence.apply(xp, m, s, mask_g, mask_r, dims, self.workspace, *weights)
         return ys.transpose(0, 1), (m.transpose(1, 2).reshape(b, n * S), s)
+
+    def train(self, mode: bool = True) -> GAMRHNCell:
+        """Switching to evaluation mode drops the training buffers the workspace holds."""
+        if not mode:
+            self.workspace.clear()
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         c = self.config

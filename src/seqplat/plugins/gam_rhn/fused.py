@@ -2,14 +2,24 @@
 
 Autograd on the step loop records some 70 small nodes per time step at depth 5 and does one small
 weight-gradient GEMM per node and step. :class:`GAMRHNRecurrence` runs the same loop forward without
-autograd, keeping the per-step values the backward needs, and its backward walks the steps in reverse
-computing only the gradients that flow along the recurrence (state, memory and the per-step
-pre-activations). The weight gradients are then one GEMM per matrix over all steps at once
-(``inputs[T*b, k]^T @ grads[T*b, n]``), the strategy of oneDNN's and cuDNN's RNN kernels.
+autograd, writing the per-step values the backward needs into preallocated ``[T, b, ...]`` buffers,
+and its backward walks the steps in reverse computing only the gradients that flow along the
+recurrence (state, memory and the per-step pre-activations). The weight gradients are then one GEMM
+per matrix over all steps at once (``inputs[T*b, k]^T @ grads[T*b, n]``), the strategy of oneDNN's and
+cuDNN's RNN kernels.
+
+Speed (CPU, one thread): matrices that read the same vector are merged (the write address and layer
+1's read address both read ``h_w``; ``W_g^l`` and ``W_s^l`` both read ``xr^l``, forward and
+backward); every factor of the backward that does not depend on the incoming gradient is computed
+for all steps at once before the reverse loop, which then does about one op per gradient; the
+candidate ``tanh(v)`` is computed as ``2 sigmoid(2 v) - 1`` with the candidate rows of the weights
+and bias doubled once per call (torch's CPU ``tanh`` costs about three sigmoids); and the buffers come
+from a :class:`Workspace` the cell keeps, so a training loop does not page-fault in fresh memory for
+its saved activations every step.
 
 The math is steps (1)-(6) of :mod:`seqplat.plugins.gam_rhn.cell` in the merged form of
-``GAMRHNCell.fast_forward``; every line of :meth:`GAMRHNRecurrence.backward` is the derivative of
-the forward line named beside it. Tests compare it with the reference path on outputs and on every
+``GAMRHNCell.fast_forward``; every line of :meth:`GAMRHNRecurrence.backward` is the derivative of the
+forward line named beside it. Tests compare it with the reference path on outputs and on every
 gradient, and ``gradcheck`` it in float64.
 """
 
@@ -19,182 +29,350 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+_aten = torch.ops.aten
 
 
-def _softmax_backward(a: Tensor, da: Tensor) -> Tensor:
-    """Gradient of the logits of ``a = softmax(logits, 1)`` given ``da``."""
-    return a * (da - (da * a).sum(1, keepdim=True))
+class Workspace:
+    """Flat buffers handed from one call of :class:`GAMRHNRecurrence` to the next.
 
-
-class GAMRHNRecurrence(torch.autograd.Function):
-    """``(ys [T, b, D], m_T [b, S, N], s_T [b, D])`` from the hoisted input projections ``xp [T, b, H+3D+N]``.
-
-    The memory is held slot-major, ``[b, S, N]``, and the address matrices' columns are ordered to match
-    (slot k of group g at column ``k*N + g``): the grouped softmax then runs over dim 1 with the groups
-    contiguous, which torch computes some 10x faster than a softmax over a last dim of size S.
-
-    ``weights`` (all transposed to ``[in, out]``): ``w_s0 [D, H+3D]``, ``w_ms [D, N]``, ``w_aw [H, SN]``,
-    ``b_aw [SN]``, then for each layer ``i``: ``w_a [H, SN]``, ``b_a [SN]``, ``w_gx [N, 2D]``,
-    ``w_cx [N, D]``, ``w_cs [D, D]``, ``b_c [D]``, and for ``i >= 1`` also ``w_hs [D, H+2D]``,
-    ``b_hs [H+2D]``. ``mask_g [T, b, N]`` and ``mask_r [T, L, b, D]`` are the (already scaled) dropout
-    masks, or None.
+    A forward :meth:`take`\\ s a buffer for its saved activations and its backward :meth:`give`\\ s it
+    back, so two graphs alive at once get different buffers. Up to ``keep`` free buffers of each size
+    are held. A second backward through the same graph (``retain_graph``) first :meth:`reclaim`\\ s its
+    buffer, which fails if a later forward took it in the meantime. Copies and pickles of a cell get an
+    empty workspace; the cell clears it when switched to evaluation mode.
     """
 
-    @staticmethod
-    def forward(ctx: Any, xp: Tensor, m0: Tensor, s0: Tensor, mask_g: Tensor | None, mask_r: Tensor | None,
-                dims: tuple[int, int, int, int, int], *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        h, d, n, slots, depth = dims
-        w_s0, w_ms, w_aw, b_aw = weights[:4]
-        layer_w = _layer_weights(weights, depth)
-        b = xp.shape[1]
-        m, s = m0, s0
-        saved: list[dict[str, Any]] = []
-        ys = []
-        for t, xp_t in enumerate(xp.unbind(0)):
-            rec: dict[str, Any] = {"s": s, "m": m}
-            pre = torch.addmm(xp_t[:, : h + 3 * d], s, w_s0)
-            h_w = pre[:, :h]  # (1)
-            a_w = torch.softmax(torch.addmm(b_aw, h_w, w_aw).view(b, slots, n), dim=1)  # (2)
-            r = torch.sigmoid(pre[:, h : h + d])  # (3)
-            u = r * s
-            m_bar = torch.tanh(torch.addmm(xp_t[:, h + 3 * d :], u, w_ms))
-            mb = m_bar * mask_g[t] if mask_g is not None else m_bar
-            m = torch.lerp(m, mb.unsqueeze(1), a_w)  # (4)
-            rec.update(h_w=h_w, a_w=a_w, r=r, u=u, m_bar=m_bar, mb=mb, m_new=m)
-            gate_s = pre[:, h + d :]
-            layers = []
-            for i, lw in enumerate(layer_w):  # (5)
-                if i == 0:
-                    h_l = h_w
-                else:
-                    hs = torch.addmm(lw["b_hs"], s, lw["w_hs"])
-                    h_l, gate_s = hs[:, :h], hs[:, h:]
-                a = torch.softmax(torch.addmm(lw["b_a"], h_l, lw["w_a"]).view(b, slots, n), dim=1)
-                xr = (a * m).sum(1)
-                g = torch.sigmoid(torch.addmm(gate_s, xr, lw["w_gx"]))
-                r_l, z_l = g[:, :d], g[:, d:]
-                rs = r_l * s
-                c = torch.tanh(torch.addmm(torch.addmm(lw["b_c"], xr, lw["w_cx"]), rs, lw["w_cs"]))
-                s_hat = c * mask_r[t, i] if mask_r is not None else c
-                layers.append({"s_prev": s, "h_l": h_l, "a": a, "xr": xr, "g": g, "rs": rs, "c": c,
-                               "s_hat": s_hat})
-                s = torch.lerp(s_hat, s, z_l)
-            rec["layers"] = layers
-            saved.append(rec)
-            ys.append(s)  # (6)
-        ctx.saved = saved
-        ctx.dims = dims
-        ctx.masks = (mask_g, mask_r)
-        ctx.save_for_backward(*weights)
-        # m is kept in `saved` (the last step's m_new): return a copy so no output is held by ctx
-        return torch.stack(ys), m.clone(), s
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._free: list[tuple[Tensor, list[bool]]] = []  # (buffer, [taken since given])
 
-    @staticmethod
-    def backward(ctx: Any, dys: Tensor, dm_out: Tensor, ds_out: Tensor) -> tuple[Tensor | None, ...]:
-        h, d, n, slots, depth = ctx.dims
-        weights = ctx.saved_tensors
-        w_s0, w_ms, w_aw, _ = weights[:4]
-        layer_w = _layer_weights(weights, depth)
-        mask_g, mask_r = ctx.masks
-        saved = ctx.saved
-        steps = len(saved)
-        b = dys.shape[1]
-        ds = ds_out.clone()
-        dm = dm_out.clone()
-        # per-step gradients of the pre-activations, stacked for the weight GEMMs after the loop
-        dxp = torch.empty(steps, b, h + 3 * d + n, dtype=dys.dtype, device=dys.device)
-        d_aw = torch.empty(steps, b, n * slots, dtype=dys.dtype, device=dys.device)
-        d_layers: list[dict[str, list[Tensor]]] = [{"a": [], "g": [], "c": [], "hs": []} for _ in range(depth)]
-        for t in range(steps - 1, -1, -1):
-            rec = saved[t]
-            ds = ds + dys[t]
-            dh_w = None
-            dgate_s0 = None
-            for i in range(depth - 1, -1, -1):
-                lw, L = layer_w[i], rec["layers"][i]
-                s_prev, g, c, s_hat = L["s_prev"], L["g"], L["c"], L["s_hat"]
-                r_l, z_l = g[:, :d], g[:, d:]
-                # s = s_hat + z (s_prev - s_hat)
-                d_shat = ds * (1.0 - z_l)
-                dz = ds * (s_prev - s_hat)
-                ds_prev = ds * z_l
-                dc = d_shat * mask_r[t, i] if mask_r is not None else d_shat
-                dc = dc * (1.0 - c * c)  # c = tanh(...)
-                dxr = dc @ lw["w_cx"].t()
-                d_rs = dc @ lw["w_cs"].t()
-                ds_prev = ds_prev + d_rs * r_l  # rs = r_l * s_prev
-                dg = torch.cat([d_rs * s_prev, dz], dim=-1) * g * (1.0 - g)  # g = sigmoid(...)
-                dxr = dxr + dg @ lw["w_gx"].t()
-                # xr = sum_S(a * m_new)
-                dxr3 = dxr.unsqueeze(1)
-                dm = dm + dxr3 * L["a"]
-                dla = _softmax_backward(L["a"], dxr3 * rec["m_new"]).reshape(b, n * slots)
-                dh_l = dla @ lw["w_a"].t()
-                d_layers[i]["a"].append(dla)
-                d_layers[i]["g"].append(dg)
-                d_layers[i]["c"].append(dc)
-                if i == 0:
-                    dh_w, dgate_s0 = dh_l, dg
-                else:
-                    dhs = torch.cat([dh_l, dg], dim=-1)
-                    d_layers[i]["hs"].append(dhs)
-                    ds_prev = ds_prev + dhs @ lw["w_hs"].t()
-                ds = ds_prev
-            # (4) m_new = m + a_w (mb - m)
-            a_w, mb, m_old = rec["a_w"], rec["mb"], rec["m"]
-            dmb = (dm * a_w).sum(1)
-            da_w = dm * (mb.unsqueeze(1) - m_old)
-            dm = dm * (1.0 - a_w)
-            dmb = dmb * mask_g[t] if mask_g is not None else dmb
-            dzm = dmb * (1.0 - rec["m_bar"] ** 2)  # m_bar = tanh(...)
-            du = dzm @ w_ms.t()
-            r = rec["r"]
-            s_old = rec["s"]
-            dr = du * s_old
-            ds = ds + du * r
-            dlw = _softmax_backward(a_w, da_w).reshape(b, n * slots)  # (2)
-            d_aw[t] = dlw
-            dh_w = dh_w + dlw @ w_aw.t()
-            dpre = dxp[t]
-            dpre[:, :h] = dh_w
-            dpre[:, h : h + d] = dr * r * (1.0 - r)
-            dpre[:, h + d : h + 3 * d] = dgate_s0
-            dpre[:, h + 3 * d :] = dzm
-            ds = ds + dpre[:, : h + 3 * d] @ w_s0.t()
+    def take(self, numel: int, like: Tensor) -> Tensor:
+        """A free 1-D buffer of ``numel`` elements (contents undefined), or a new one."""
+        for i, (buf, mark) in enumerate(self._free):
+            if buf.numel() == numel and buf.dtype == like.dtype and buf.device == like.device:
+                del self._free[i]
+                mark[0] = True
+                return buf
+        return like.new_empty(numel)
 
-        # weight gradients: one GEMM per matrix over all steps
-        def cat(key: str, i: int | None = None) -> Tensor:
-            src = [rec[key] for rec in saved] if i is None else [rec["layers"][i][key] for rec in saved]
-            return torch.cat([v.reshape(b, -1) for v in src])
+    def give(self, buf: Tensor) -> list[bool]:
+        """Put ``buf`` back; the returned mark turns True once a later :meth:`take` hands it out."""
+        same = [i for i, (b, _) in enumerate(self._free) if b.numel() == buf.numel() and b.dtype == buf.dtype]
+        if len(same) >= self.keep:
+            del self._free[same[0]]
+        mark = [False]
+        self._free.append((buf, mark))
+        return mark
 
-        def stacked(vals: list[Tensor]) -> Tensor:
-            return torch.cat(vals[::-1])  # collected from the last step back
+    def reclaim(self, buf: Tensor, mark: list[bool]) -> bool:
+        """Take back a buffer given earlier; False if someone has taken it since."""
+        if mark[0]:
+            return False
+        self._free = [(b, m) for b, m in self._free if b is not buf]
+        return True
 
-        flat = dxp.reshape(steps * b, -1)
-        grads: list[Tensor | None] = [
-            cat("s").t() @ flat[:, : h + 3 * d],  # w_s0
-            cat("u").t() @ flat[:, h + 3 * d :],  # w_ms
-            cat("h_w").t() @ d_aw.reshape(steps * b, -1),  # w_aw
-            d_aw.sum((0, 1)),  # b_aw
-        ]
-        for i in range(depth):
-            da, dg, dc = (stacked(d_layers[i][k]) for k in ("a", "g", "c"))
-            xr = cat("xr", i)
-            grads += [cat("h_l", i).t() @ da, da.sum(0), xr.t() @ dg, xr.t() @ dc, cat("rs", i).t() @ dc, dc.sum(0)]
-            if i >= 1:
-                dhs = stacked(d_layers[i]["hs"])
-                grads += [cat("s_prev", i).t() @ dhs, dhs.sum(0)]
-        return (dxp, dm, ds, None, None, None, *grads)
+    def clear(self) -> None:
+        """Drop every free buffer."""
+        self._free.clear()
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"keep": self.keep, "_free": []}
+
+
+def _carve(flat: Tensor, shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """Contiguous views of ``flat``, one per named shape, in order."""
+    out, k = {}, 0
+    for name, shape in shapes.items():
+        size = 1
+        for v in shape:
+            size *= v
+        out[name] = flat[k : k + size].view(shape)
+        k += size
+    return out
+
+
+def _numel(shapes: dict[str, tuple[int, ...]]) -> int:
+    total = 0
+    for shape in shapes.values():
+        size = 1
+        for v in shape:
+            size *= v
+        total += size
+    return total
+
+
+def _take(workspace: Workspace | None, shapes: dict[str, tuple[int, ...]], like: Tensor) -> tuple[Tensor, dict]:
+    n = _numel(shapes)
+    flat = workspace.take(n, like) if workspace is not None else like.new_empty(n)
+    return flat, _carve(flat, shapes)
 
 
 def _layer_weights(weights: tuple[Tensor, ...], depth: int) -> list[dict[str, Tensor]]:
     """Split the flat weight tuple of :class:`GAMRHNRecurrence` into one mapping per layer."""
-    out, k = [], 4
+    out, k = [], 5
     for i in range(depth):
-        lw = dict(zip(("w_a", "b_a", "w_gx", "w_cx", "w_cs", "b_c"), weights[k : k + 6], strict=True))
-        k += 6
+        lw = dict(zip(("w_xr", "b_c", "w_cs"), weights[k : k + 3], strict=True))
+        k += 3
         if i >= 1:
-            lw["w_hs"], lw["b_hs"] = weights[k], weights[k + 1]
-            k += 2
+            lw.update(zip(("w_hs", "b_hs", "w_a", "b_a"), weights[k : k + 4], strict=True))
+            k += 4
         out.append(lw)
     return out
+
+
+class GAMRHNRecurrence(torch.autograd.Function):
+    """``(ys [T, b, D], m_T [b, S, N], s_T [b, D])`` from the hoisted input projections ``xp [T, b, H+D+N]``.
+
+    ``xp`` holds the ``x_t`` parts (and biases) of the write head, the reset gate and the written value,
+    in that column order. The memory is held slot-major, ``[b, S, N]``, and the address matrices'
+    columns are ordered to match (slot k of group g at column ``k*N + g``): the grouped softmax then
+    runs over dim 1 with the groups contiguous, which torch computes some 10x faster than a softmax
+    over a last dim of size S.
+
+    ``weights``, all ``[in, out]``: ``w_s0 [D, 2D+H+D]`` (``s_{t-1}`` to layer 1's gates ``r^1, z^1``, the
+    write head and the reset gate, in that column order), ``b_g0 [2D]`` (layer 1's gate bias),
+    ``w_ms [N, D]`` (the ``r * s`` part of ``W_m``, ``[out, in]``), ``w_ad0 [H, 2SN]`` and ``b_ad0 [2SN]``
+    (write address, then layer 1's read address), then for each layer ``i``: ``w_xr [N, 3D]`` (``xr^l``
+    to the candidate, ``r^l`` and ``z^l``), ``b_c [D]``, ``w_cs [D, D]``, and for ``i >= 1`` also
+    ``w_hs [D, 2D+H]`` (``s^{l-1}`` to the gates and the read head), ``b_hs [2D]``, ``w_a [H, SN]``,
+    ``b_a [SN]``. ``mask_g [T, b, N]`` and ``mask_r [T, L, b, D]`` are the (already scaled) dropout
+    masks, or None. With a ``workspace`` the saved buffers are reused across calls (see
+    :class:`Workspace`).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, xp: Tensor, m0: Tensor, s0: Tensor, mask_g: Tensor | None, mask_r: Tensor | None,
+                dims: tuple[int, int, int, int, int], workspace: Workspace | None,
+                *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h, d, n, slots, depth = dims
+        w_s0, b_g0, w_ms, w_ad0, b_ad0 = weights[:5]
+        layer_w = _layer_weights(weights, depth)
+        steps, b = xp.shape[0], xp.shape[1]
+        sn = slots * n
+        shapes = {
+            "pre": (steps, b, 2 * d + h + d),  # s_{t-1} W_s0 (+ x parts): [z^1 pre | h_w | r pre]
+            "r": (steps, b, d), "u": (steps, b, d),  # (3) r and r * s
+            "mbar": (steps, b, n),  # (3) m_bar, before dropout
+            "mem": (steps + 1, b, slots, n),  # (4) m_0 .. m_T
+            "a0": (steps, b, 2, slots, n),  # (2) write address, layer 1's read address
+            "s_in": (depth, steps, b, d),  # the state entering layer l
+            "xr": (depth, steps, b, n), "g": (depth, steps, b, 2 * d), "rs": (depth, steps, b, d),
+            "y": (depth, steps, b, d),  # sigmoid(2 v): the candidate is 2 y - 1
+            "shat": (depth, steps, b, d),  # the candidate after dropout
+        }
+        if depth > 1:
+            shapes["hs"] = (depth - 1, steps, b, 2 * d + h)  # s^{l-1} W_hs + b_hs: [gates pre | h_l]
+            shapes["a"] = (depth - 1, steps, b, slots, n)  # read addresses of layers >= 2
+        if mask_g is not None:
+            shapes["mb"] = (steps, b, n)
+        flat, buf = _take(workspace, shapes, xp)
+        # the candidate rows (and bias) doubled: one sigmoid gives tanh(v) = 2 sigmoid(2 v) - 1
+        two = xp.new_ones(3 * d)
+        two[:d] = 2.0
+        w_xr2 = [lw["w_xr"] * two for lw in layer_w]
+        b_xr2 = [torch.cat([lw["b_c"] * 2.0, xp.new_zeros(2 * d)]) for lw in layer_w]
+        w_cs2 = [lw["w_cs"] * 2.0 for lw in layer_w]
+        b_s0 = torch.cat([b_g0, xp.new_zeros(h + d)])
+        b_hs = [None] + [torch.cat([lw["b_hs"], xp.new_zeros(h)]) for lw in layer_w[1:]]
+        m1, c2 = xp.new_full((), -1.0), xp.new_full((), 2.0)
+        ws_t = w_ms.t()
+        ys = xp.new_empty(steps, b, d)
+        mem = buf["mem"]
+        mem[0].copy_(m0)
+        mb_all = buf.get("mb", buf["mbar"])
+        xg = xp.new_empty(b, 3 * d)  # scratch: xr^l [W_s | W_g] (+ b)
+        cp = xp.new_empty(b, d)  # scratch: candidate pre-activation
+        am = xp.new_empty(b, slots, n)  # scratch: a^l * m_t
+        logits = xp.new_empty(b, 2 * sn)  # scratch: address logits
+        logits1 = xp.new_empty(b, sn)
+        # per-step views made once (indexing inside the loop costs a Python call each)
+        pre_v, r_v, u_v = buf["pre"].unbind(0), buf["r"].unbind(0), buf["u"].unbind(0)
+        mbar_v, mb_v = buf["mbar"].unbind(0), mb_all.unbind(0)
+        mem_v, a0_v, xp_v, ys_v = mem.unbind(0), buf["a0"].unbind(0), xp.unbind(0), ys.unbind(0)
+        per_layer = {k: [v.unbind(0) for v in buf[k].unbind(0)] for k in ("s_in", "xr", "g", "rs", "y", "shat")}
+        hs_v = [None] + [v.unbind(0) for v in buf["hs"].unbind(0)] if depth > 1 else [None]
+        a_v = [None] + [v.unbind(0) for v in buf["a"].unbind(0)] if depth > 1 else [None]
+        s = s0
+        for t in range(steps):
+            pre = torch.addmm(b_s0, s, w_s0, out=pre_v[t])
+            pre[:, 2 * d :].add_(xp_v[t][:, : h + d])
+            h_w = pre[:, 2 * d : 2 * d + h]  # (1)
+            torch.addmm(b_ad0, h_w, w_ad0, out=logits)
+            a0 = _aten._softmax.out(logits.view(b, 2, slots, n), 2, False, out=a0_v[t])  # (2) and layer 1's
+            r = torch.sigmoid(pre[:, 2 * d + h :], out=r_v[t])  # (3)
+            u = torch.mul(r, s, out=u_v[t])
+            m_bar = torch.addmm(xp_v[t][:, h + d :], u, ws_t, out=mbar_v[t]).tanh_()
+            mb = m_bar if mask_g is None else torch.mul(m_bar, mask_g[t], out=mb_v[t])
+            m = torch.lerp(mem_v[t], mb.unsqueeze(1), a0[:, 0], out=mem_v[t + 1])  # (4)
+            for i in range(depth):  # (5)
+                if i >= 1:
+                    hs = torch.addmm(b_hs[i], s, layer_w[i]["w_hs"], out=hs_v[i][t])
+                    torch.addmm(layer_w[i]["b_a"], hs[:, 2 * d :], layer_w[i]["w_a"], out=logits1)
+                    a = _aten._softmax.out(logits1.view(b, slots, n), 1, False, out=a_v[i][t])
+                    gate_pre = hs[:, : 2 * d]
+                else:
+                    a, gate_pre = a0[:, 1], pre[:, : 2 * d]
+                xr = torch.sum(torch.mul(a, m, out=am), 1, out=per_layer["xr"][i][t])
+                torch.addmm(b_xr2[i], xr, w_xr2[i], out=xg)  # [2 v_x | g_x]
+                g = torch.add(gate_pre, xg[:, d:], out=per_layer["g"][i][t]).sigmoid_()
+                rs = torch.mul(g[:, :d], s, out=per_layer["rs"][i][t])
+                torch.addmm(xg[:, :d], rs, w_cs2[i], out=cp)  # 2 v
+                y = torch.sigmoid(cp, out=per_layer["y"][i][t])
+                s_hat = torch.addcmul(m1, y, c2, out=per_layer["shat"][i][t])  # tanh(v) = 2 y - 1
+                if mask_r is not None:
+                    s_hat.mul_(mask_r[t, i])
+                s_next = ys_v[t] if i == depth - 1 else per_layer["s_in"][i + 1][t]
+                s = torch.lerp(s_hat, s, g[:, d:], out=s_next)  # z s + (1 - z) s_hat
+        s_in0 = buf["s_in"][0]
+        s_in0[0].copy_(s0)
+        s_in0[1:].copy_(ys[:-1])
+        ctx.flat, ctx.buf, ctx.mark, ctx.workspace = flat, buf, None, workspace
+        ctx.dims, ctx.masks = dims, (mask_g, mask_r)
+        ctx.save_for_backward(*weights)
+        return ys, mem[-1].clone(), ys[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dys: Tensor, dm_out: Tensor, ds_out: Tensor) -> tuple[Tensor | None, ...]:
+        workspace: Workspace | None = ctx.workspace
+        if ctx.mark is not None and not workspace.reclaim(ctx.flat, ctx.mark):
+            raise RuntimeError(
+                "gam_rhn: a second backward through a graph whose saved buffers a later forward reused; set "
+                "cell.explicit_backward = False for this (retain_graph) use"
+            )
+        h, d, n, slots, depth = ctx.dims
+        weights = ctx.saved_tensors
+        w_s0, _, w_ms, w_ad0, _ = weights[:5]
+        layer_w = _layer_weights(weights, depth)
+        mask_g, mask_r = ctx.masks
+        buf = ctx.buf
+        steps, b = dys.shape[0], dys.shape[1]
+        sn = slots * n
+        like = dys
+        # Gradients of every step's pre-activations, per layer [dv | d r^l | d z^l | (layer >= 2) d h_l];
+        # layer 1's continues [d h_w | d r | d m_bar pre], whose last H+D+N columns are dL/dxp
+        scratch = {
+            "dg0": (steps, b, 3 * d + h + d + n),
+            "da0": (steps, b, 2, slots, n),  # write address and layer 1's read address logits
+            "q": (depth, steps, b, d), "pz": (depth, steps, b, d), "pr": (depth, steps, b, d),
+            "wd": (steps, b, slots, n), "oma": (steps, b, slots, n), "qm": (steps, b, n), "prr": (steps, b, d),
+        }
+        if depth > 1:
+            scratch["dgl"] = (depth - 1, steps, b, 3 * d + h)
+            scratch["da"] = (depth - 1, steps, b, slots, n)
+        sflat, sb = _take(workspace, scratch, like)
+        dg0 = sb["dg0"]
+        # Everything that does not depend on the incoming gradient, for all steps at once.
+        g_all = buf["g"].view(depth, steps, b, 2, d)
+        rl, z = g_all[..., 0, :], g_all[..., 1, :]
+        y, s_in = buf["y"], buf["s_in"]
+        # (in place, without temporaries: fresh memory costs page faults)
+        q = torch.addcmul(y, y, y, value=-1.0, out=sb["q"]).mul_(4.0)  # dv = ds (1 - z) 4 y (1 - y) mask
+        q.addcmul_(q, z, value=-1.0)
+        if mask_r is not None:
+            q.mul_(mask_r.transpose(0, 1))
+        pz = torch.sub(s_in, buf["shat"], out=sb["pz"]).mul_(z)  # dz pre = ds (s_prev - s_hat) z (1 - z)
+        pz.addcmul_(pz, z, value=-1.0)
+        pr = torch.addcmul(rl, rl, rl, value=-1.0, out=sb["pr"]).mul_(s_in)  # d r^l pre = d_rs s_prev r^l (1 - r^l)
+        mem, a0 = buf["mem"], buf["a0"]
+        mb = buf.get("mb", buf["mbar"])
+        wd = torch.sub(mb.unsqueeze(2), mem[:-1], out=sb["wd"])  # (4) d a_w = dm (mb - m_old)
+        oma = torch.sub(1.0, a0[:, :, 0], out=sb["oma"])  # (4) dm_old = dm (1 - a_w)
+        m_bar = buf["mbar"]
+        qm = torch.mul(m_bar, m_bar, out=sb["qm"]).neg_().add_(1.0)  # m_bar = tanh(...)
+        if mask_g is not None:
+            qm.mul_(mask_g)
+        r = buf["r"]
+        prr = torch.addcmul(r, r, r, value=-1.0, out=sb["prr"]).mul_(s_in[0])  # d r pre = du s_{t-1} r (1 - r)
+        # per-step views made once
+        lay: list[dict[str, Any]] = [{} for _ in range(depth)]
+        for i in range(depth):
+            L = lay[i]
+            dgi = dg0 if i == 0 else sb["dgl"][i - 1]
+            for k, sl in (("dv", slice(0, d)), ("dgr", slice(d, 2 * d)), ("dgz", slice(2 * d, 3 * d)),
+                          ("dxr_in", slice(0, 3 * d)), ("dhs", slice(d, None)), ("dhl", slice(3 * d, None))):
+                L[k] = dgi[..., sl].unbind(0)
+            if i >= 1:
+                L["da"] = sb["da"][i - 1].unbind(0)
+                L["a"] = buf["a"][i - 1].unbind(0)
+                L["w_a_t"] = layer_w[i]["w_a"].t()
+                L["w_hs_t"] = layer_w[i]["w_hs"].t()
+            for k, src in (("q", q), ("pz", pz), ("pr", pr), ("s_in", s_in), ("rl", rl), ("z", z)):
+                L[k] = src[i].unbind(0)
+            L["w_cs_t"], L["w_xr_t"] = layer_w[i]["w_cs"].t(), layer_w[i]["w_xr"].t()
+        da0_v, a0_v, mem_v = sb["da0"].unbind(0), a0.unbind(0), mem.unbind(0)
+        wd_v, oma_v, qm_v, prr_v, r_v = wd.unbind(0), oma.unbind(0), qm.unbind(0), prr.unbind(0), r.unbind(0)
+        w_ad0_t, w_s0_t = w_ad0.t(), w_s0.t()
+        dzm_v, dr_v = dg0[..., -n:].unbind(0), dg0[..., 3 * d + h : 3 * d + h + d].unbind(0)
+        dhw_v, dpre_v = dg0[..., 3 * d : 3 * d + h].unbind(0), dg0[..., d : 3 * d + h + d].unbind(0)
+        gm = like.new_empty(b, slots, n)  # scratch
+        gm2 = like.new_empty(b, 2, slots, n)  # scratch: gradients of the write and layer 1's read address
+        dmb = like.new_empty(b, n)
+        dys_v, a_w_v, gm2_v = dys.unbind(0), a0[:, :, 0].unbind(0), (gm2[:, 0], gm2[:, 1])
+        ds = ds_out.clone()
+        dm = dm_out.clone()
+        for t in range(steps - 1, -1, -1):
+            ds = ds + dys_v[t]
+            m_new = mem_v[t + 1]
+            for i in range(depth - 1, -1, -1):
+                L = lay[i]
+                dv = torch.mul(ds, L["q"][t], out=L["dv"][t])  # s_hat = tanh(v) (* mask), s = lerp(s_hat, s, z)
+                torch.mul(ds, L["pz"][t], out=L["dgz"][t])  # z = sigmoid(.)
+                d_rs = torch.mm(dv, L["w_cs_t"])  # v = xr W_cx + rs W_cs + b_c
+                torch.mul(d_rs, L["pr"][t], out=L["dgr"][t])  # rs = r^l s_prev, r^l = sigmoid(.)
+                ds = torch.mul(ds, L["z"][t]).addcmul_(d_rs, L["rl"][t])  # d s_prev so far
+                dxr = torch.mm(L["dxr_in"][t], L["w_xr_t"])  # xr feeds v, r^l and z^l
+                # xr = sum_S(a * m_t)
+                dxr3 = dxr.unsqueeze(1)
+                a = a0_v[t][:, 1] if i == 0 else L["a"][t]
+                dm.addcmul_(dxr3, a)
+                if i == 0:  # its address logits' gradient comes with the write address's, below
+                    torch.mul(dxr3, m_new, out=gm2_v[1])
+                else:
+                    torch.mul(dxr3, m_new, out=gm)
+                    da = L["da"][t]
+                    _aten._softmax_backward_data.out(gm, a, 1, a.dtype, grad_input=da)  # a = SoG(h_l W_a + b_a)
+                    torch.mm(da.view(b, sn), L["w_a_t"], out=L["dhl"][t])
+                    ds = torch.addmm(ds, L["dhs"][t], L["w_hs_t"])  # [gates | h_l] = s_prev W_hs + b_hs
+            # (4) m_t = m + a_w (mb - m)
+            torch.sum(torch.mul(dm, a_w_v[t], out=gm), 1, out=dmb)
+            torch.mul(dm, wd_v[t], out=gm2_v[0])
+            dm.mul_(oma_v[t])
+            dzm = torch.mul(dmb, qm_v[t], out=dzm_v[t])  # (3) m_bar = tanh(...) (* mask)
+            du = torch.mm(dzm, w_ms)  # u = r * s_{t-1}
+            torch.mul(du, prr_v[t], out=dr_v[t])  # r = sigmoid(.)
+            ds.addcmul_(du, r_v[t])
+            # (2) a_w and layer 1's read address: SoG over the slots of [b, 2, S, N]
+            _aten._softmax_backward_data.out(gm2, a0_v[t], 2, gm2.dtype, grad_input=da0_v[t])
+            torch.mm(da0_v[t].view(b, 2 * sn), w_ad0_t, out=dhw_v[t])  # (1) d h_w
+            ds = torch.addmm(ds, dpre_v[t], w_s0_t)  # pre = s_{t-1} W_s0 + ...
+        # weight gradients: one GEMM per matrix over all steps
+        tb = steps * b
+
+        g0 = dg0.view(tb, -1)
+        da0 = sb["da0"].view(tb, 2 * sn)
+        grads: list[Tensor | None] = [
+            s_in[0].view(tb, d).t() @ g0[:, d : 4 * d + h],  # w_s0
+            g0[:, d : 3 * d].sum(0),  # b_g0
+            g0[:, -n:].t() @ buf["u"].view(tb, d),  # w_ms
+            buf["pre"].view(tb, -1)[:, 2 * d : 2 * d + h].t() @ da0,  # w_ad0
+            da0.sum(0),  # b_ad0
+        ]
+        for i in range(depth):
+            gi = g0 if i == 0 else sb["dgl"][i - 1].view(tb, -1)
+            dv = gi[:, :d]
+            grads += [buf["xr"][i].view(tb, n).t() @ gi[:, : 3 * d], dv.sum(0), buf["rs"][i].view(tb, d).t() @ dv]
+            if i >= 1:
+                da = sb["da"][i - 1].view(tb, sn)
+                grads += [s_in[i].view(tb, d).t() @ gi[:, d:], gi[:, d : 3 * d].sum(0),
+                          buf["hs"][i - 1].view(tb, -1)[:, 2 * d :].t() @ da, da.sum(0)]
+        dxp = dg0[..., 3 * d :].clone()  # handed to autograd: not a view of a workspace buffer
+        if workspace is not None:
+            workspace.give(sflat)
+            ctx.mark = workspace.give(ctx.flat)
+        return (dxp, dm, ds, None, None, None, None, *grads)

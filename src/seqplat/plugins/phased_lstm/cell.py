@@ -248,10 +248,11 @@ class PhasedLSTMCell(StepCell):
             times = (state[2].unsqueeze(1) + torch.arange(n, device=x.device)).to(x.dtype)
         elif times is None:
             raise ValueError("phased_lstm needs per-step timestamps (or time_source='step_index')")
-        ks = self.openness(times).to(x.dtype)  # (T1)-(T2), [b,t,h]
-        self._record(ks, times)
+        times_tb = times.t()
+        ks = self.openness(times_tb).to(x.dtype)  # (T1)-(T2), time-major [t,b,h] as the scan reads it
+        self._record(ks, times_tb)
         xp = torch.addmm(self.bias, x.transpose(0, 1).reshape(n * b, -1), self.weight_ih)  # [t*b, 4h]
-        y, c = phased_lstm_scan(xp.reshape(n, b, -1), ks.transpose(0, 1), h, c, self.weight_hh,
+        y, c = phased_lstm_scan(xp.reshape(n, b, -1), ks, h, c, self.weight_hh,
                                 self.peephole, self.config.gate_grad_clip)
         y = y.transpose(0, 1)
         h = y[:, -1]

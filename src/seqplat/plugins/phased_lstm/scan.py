@@ -33,71 +33,92 @@ class PhasedLSTMScan(torch.autograd.Function):
         n, b, four_h = xp.shape
         hid = four_h // 4
         y = xp.new_empty(n, b, hid)
-        cs = xp.new_empty(n, b, hid)  # c_j
+        cs = xp.new_empty(n + 1, b, hid)  # c_0 .. c_n (so c_{j-1} is cs[j], no concatenation later)
         ct = xp.new_empty(n, b, hid)  # c~_j
         tc = xp.new_empty(n, b, hid)  # tanh(c~_j)
-        acts = xp.new_empty(n, b, four_h)  # i, f, g, o
+        # i, f, g, o, sigmoid(2 c~): the last two are one sigmoid call, tanh(c~) = 2 sigmoid(2 c~) - 1, and
+        # g = tanh(z_g) = 2 sigmoid(2 z_g) - 1 shares the sigmoid call of i and f (torch's CPU tanh costs
+        # about three sigmoids)
+        acts = xp.new_empty(n, b, 5 * hid)
+        z = xp.new_empty(b, four_h)  # scratch
+        m1, two = xp.new_full((), -1.0), xp.new_full((), 2.0)
+        cs[0].copy_(c0)
         h, c = h0, c0
         for j in range(n):
-            z = torch.addmm(xp[j], h, w_hh)  # (L1)
+            torch.addmm(xp[j], h, w_hh, out=z)  # (L1)
             if peephole is not None:  # (L2) peepholes of i and f in one op
                 z[:, : 2 * hid].view(b, 2, hid).addcmul_(c.unsqueeze(1), peephole[:2])
+            z[:, 2 * hid : 3 * hid].mul_(2.0)
             a = acts[j]
-            torch.sigmoid(z[:, : 2 * hid], out=a[:, : 2 * hid])  # (L2) i, f
-            torch.tanh(z[:, 2 * hid : 3 * hid], out=a[:, 2 * hid : 3 * hid])  # g
-            i, f, g = a[:, :hid], a[:, hid : 2 * hid], a[:, 2 * hid : 3 * hid]
+            torch.sigmoid(z[:, : 3 * hid], out=a[:, : 3 * hid])  # (L2) i, f, sigmoid(2 z_g)
+            g = torch.addcmul(m1, a[:, 2 * hid : 3 * hid], two, out=a[:, 2 * hid : 3 * hid])  # g = tanh(z_g)
+            i, f = a[:, :hid], a[:, hid : 2 * hid]
             c_tilde = torch.mul(f, c, out=ct[j]).addcmul_(i, g)  # (L3)
-            zo = z[:, 3 * hid :]
+            zo = a[:, 3 * hid : 4 * hid]
             if peephole is not None:
-                zo.addcmul_(c_tilde, peephole[2])
-            o = torch.sigmoid(zo, out=a[:, 3 * hid :])  # (L4)
-            t = torch.tanh(c_tilde, out=tc[j])
-            c = torch.lerp(c, c_tilde, k[j], out=cs[j])  # (P1)
-            h = torch.lerp(h, o * t, k[j], out=y[j])  # (P2)
-        ctx.save_for_backward(k, h0, c0, w_hh, peephole, y, cs, ct, tc, acts)
+                torch.addcmul(z[:, 3 * hid :], c_tilde, peephole[2], out=zo)
+            else:
+                zo.copy_(z[:, 3 * hid :])
+            torch.mul(c_tilde, two, out=a[:, 4 * hid :])
+            a[:, 3 * hid :].sigmoid_()  # (L4) o, sigmoid(2 c~)
+            t = torch.addcmul(m1, a[:, 4 * hid :], two, out=tc[j])  # tanh(c~)
+            c = torch.lerp(c, c_tilde, k[j], out=cs[j + 1])  # (P1)
+            h = torch.lerp(h, zo * t, k[j], out=y[j])  # (P2)
+        ctx.save_for_backward(k, h0, w_hh, peephole, y, cs, ct, tc, acts)
         ctx.clip = clip
         return y, cs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, gy: Tensor, gc: Tensor) -> tuple[Tensor | None, ...]:
-        k, h0, c0, w_hh, peephole, y, cs, ct, tc, acts = ctx.saved_tensors
+        k, h0, w_hh, peephole, y, cs, ct, tc, acts = ctx.saved_tensors
         n, b, hid = y.shape
         clip = ctx.clip
-        # Everything that does not depend on the incoming gradient, for all steps at once.
-        h_prev = torch.cat([h0.unsqueeze(0), y[:-1]], 0)
-        c_prev = torch.cat([c0.unsqueeze(0), cs[:-1]], 0)
-        i, f, g, o = acts.split(hid, dim=-1)
-        dsig = acts * (1 - acts)  # sigma' for i, f, o (the g slice is unused)
-        dtanh_c = 1 - tc * tc
-        a_h = o * tc - h_prev  # h~ - h_{j-1}: dk = dh * a_h + dc * a_c    (P2), (P1)
-        a_c = ct - c_prev
-        p_o = k * tc * dsig[..., 3 * hid :]  # dz_o = dh * p_o             (L4)
-        q = k * o * dtanh_c  # dc~ = dc * k + dh * q                        (L4)
-        p_ifg = torch.stack([g * dsig[..., :hid], c_prev * dsig[..., hid : 2 * hid], i * (1 - g * g)], dim=2)
+        # Everything that does not depend on the incoming gradient, for all steps at once (written into
+        # its buffer in place: no temporaries).
+        c_prev = cs[:-1]
+        i, f, g, o = (acts[..., j * hid : (j + 1) * hid] for j in range(4))
+        # dz = [dc~ p_i | dc~ p_f | dc~ p_g | dh p_o]                          (L2), (L4)
+        p = acts.new_empty(n, b, 4, hid)
+        p_i, p_f, p_g, p_o = p.unbind(2)
+        torch.addcmul(i, i, i, value=-1.0, out=p_i).mul_(g)  # g sigma'(z_i)
+        torch.addcmul(f, f, f, value=-1.0, out=p_f).mul_(c_prev)  # c_{j-1} sigma'(z_f)
+        torch.mul(i, g, out=p_g)
+        torch.addcmul(i, p_g, g, value=-1.0, out=p_g)  # i (1 - g^2)
+        torch.addcmul(o, o, o, value=-1.0, out=p_o).mul_(tc).mul_(k)  # k tanh(c~) sigma'(z_o)
+        q = torch.mul(tc, tc, out=acts.new_empty(n, b, hid)).mul_(o)  # dc~ = dc * k + dh * q    (L4)
+        torch.sub(o, q, out=q).mul_(k)  # k o (1 - tanh(c~)^2)
         r = f.clone()  # dc_{j-1} = dc * (1 - k) + dc~ * r                 (L3), (L2)
         if peephole is not None:
             q.addcmul_(p_o, peephole[2])
-            r.addcmul_(p_ifg[:, :, 0], peephole[0]).addcmul_(p_ifg[:, :, 1], peephole[1])
-        omk = 1 - k
-        # The reverse loop: a dozen small ops per step.
+            r.addcmul_(p_i, peephole[0]).addcmul_(p_f, peephole[1])
+        a_h = torch.mul(o, tc, out=acts.new_empty(n, b, hid))  # h~ - h_{j-1}: dk = dh * a_h + dc * a_c   (P2)
+        a_h[1:].sub_(y[:-1])
+        a_h[0].sub_(h0)
+        a_c = torch.sub(ct, c_prev)  # (P1)
+        # The reverse loop: a dozen small ops per step (per-step views made once).
         dz_all = acts.new_empty(n, b, 4 * hid)  # unclipped dz (peephole gradients)
         dz_clipped = dz_all if clip is None else acts.new_empty(n, b, 4 * hid)
         dk = k.new_empty(n, b, hid)
         dh = torch.zeros_like(h0)
         dc = gc.clone()
         w_hh_t = w_hh.t()
+        gy_v, k_v, q_v, r_v, ah_v, ac_v, dk_v = (v.unbind(0) for v in (gy, k, q, r, a_h, a_c, dk))
+        pifg_v, po_v = p[:, :, :3].unbind(0), p_o.unbind(0)
+        dz_v, dzifg_v = dz_all.unbind(0), dz_all.view(n, b, 4, hid)[:, :, :3].unbind(0)
+        dzo_v, dzc_v = dz_all[..., 3 * hid :].unbind(0), dz_clipped.unbind(0)
         for j in range(n - 1, -1, -1):
-            dh = dh + gy[j]
-            torch.mul(dh, a_h[j], out=dk[j]).addcmul_(dc, a_c[j])
-            dct = torch.mul(dc, k[j]).addcmul_(dh, q[j])
-            dz = dz_all[j]
-            torch.mul(dct.unsqueeze(1), p_ifg[j], out=dz[:, : 3 * hid].view(b, 3, hid))
-            torch.mul(dh, p_o[j], out=dz[:, 3 * hid :])
-            dc = torch.mul(dc, omk[j]).addcmul_(dct, r[j])
-            dzc = dz if clip is None else torch.clamp(dz, -clip, clip, out=dz_clipped[j])
-            dh = torch.addmm(dh * omk[j], dzc, w_hh_t)  # (L1)
-        d_w_hh = h_prev.reshape(n * b, hid).t() @ dz_clipped.reshape(n * b, 4 * hid)
+            dh = dh + gy_v[j]
+            torch.mul(dh, ah_v[j], out=dk_v[j]).addcmul_(dc, ac_v[j])
+            dct = torch.mul(dc, k_v[j]).addcmul_(dh, q_v[j])
+            torch.mul(dct.unsqueeze(1), pifg_v[j], out=dzifg_v[j])
+            torch.mul(dh, po_v[j], out=dzo_v[j])
+            dc = torch.addcmul(dc, dc, k_v[j], value=-1.0).addcmul_(dct, r_v[j])  # dc (1 - k) + dc~ r
+            dzc = dz_v[j] if clip is None else torch.clamp(dz_v[j], -clip, clip, out=dzc_v[j])
+            dh = torch.addmm(torch.addcmul(dh, dh, k_v[j], value=-1.0), dzc, w_hh_t)  # (L1)
+        # h_{j-1} is h0, then the outputs: dW_h = h0^T dz_0 + y[:-1]^T dz[1:]
+        flat = dz_clipped.view(n * b, 4 * hid)
+        d_w_hh = torch.addmm(h0.t() @ dz_clipped[0], y[:-1].reshape((n - 1) * b, hid).t(), flat[b:])
         d_peep = None
         if peephole is not None and ctx.needs_input_grad[5]:
             d_peep = torch.stack([
