@@ -10,7 +10,6 @@ import torch
 
 from seqplat.core.model import build_cell
 from seqplat.plugins.gam_rhn.cell import GAMRHNCell
-from seqplat.plugins.gam_rhn.fused import Workspace
 
 SMALL = {"name": "gam_rhn", "memory": "3x4", "hidden_size": 5, "head_size": 3, "depth": 2}
 
@@ -40,9 +39,9 @@ def test_buffers_are_reused_and_results_unchanged():
     x = torch.randn(4, 7, 3)
     first = grads_of(cell, x)
     assert len(cell.workspace) == 2  # the saved activations and the backward's scratch came back
-    held = {id(buf) for buf, _ in cell.workspace._free}
+    held = {id(bufs[0]) for bufs in cell.workspace.held()}
     second = grads_of(cell, x)  # runs on the same buffers
-    assert {id(buf) for buf, _ in cell.workspace._free} == held
+    assert {id(bufs[0]) for bufs in cell.workspace.held()} == held
     assert_same(first, second)
     cell.explicit_backward = False
     assert_same(first, grads_of(cell, x))  # and agrees with autograd on the same loop
@@ -96,16 +95,3 @@ def test_copies_and_pickles_get_an_empty_workspace():
     grads_of(cell, torch.randn(2, 4, 3))
     assert len(copy.deepcopy(cell).workspace) == 0
     assert len(pickle.loads(pickle.dumps(cell)).workspace) == 0
-
-
-def test_workspace_keeps_at_most_keep_per_size():
-    ws = Workspace(keep=2)
-    like = torch.zeros(1)
-    bufs = [ws.take(10, like) for _ in range(3)]
-    assert len({id(b) for b in bufs}) == 3
-    marks = [ws.give(b) for b in bufs]
-    assert len(ws) == 2
-    taken = ws.take(10, like)
-    assert taken is bufs[1] and marks[1][0]
-    assert not ws.reclaim(bufs[1], marks[1])
-    assert ws.reclaim(bufs[2], marks[2]) and len(ws) == 0

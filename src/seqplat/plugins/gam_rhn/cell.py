@@ -48,9 +48,10 @@ from torch import Tensor, nn
 
 from seqplat import StepCell
 from seqplat.core.cell import State
+from seqplat.core.workspace import Workspace
 
 from .config import GAMRHNConfig
-from .fused import GAMRHNRecurrence, Workspace
+from .fused import GAMRHNRecurrence
 
 
 def grouped_softmax(logits: Tensor, slots: int) -> Tensor:

@@ -14,8 +14,8 @@ backward); every factor of the backward that does not depend on the incoming gra
 for all steps at once before the reverse loop, which then does about one op per gradient; the
 candidate ``tanh(v)`` is computed as ``2 sigmoid(2 v) - 1`` with the candidate rows of the weights
 and bias doubled once per call (torch's CPU ``tanh`` costs about three sigmoids); and the buffers come
-from a :class:`Workspace` the cell keeps, so a training loop does not page-fault in fresh memory for
-its saved activations every step.
+from a :class:`~seqplat.core.workspace.Workspace` the cell keeps, so a training loop does not
+page-fault in fresh memory for its saved activations every step.
 
 The math is steps (1)-(6) of :mod:`seqplat.plugins.gam_rhn.cell` in the merged form of
 ``GAMRHNCell.fast_forward``; every line of :meth:`GAMRHNRecurrence.backward` is the derivative of the
@@ -31,57 +31,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seqplat.core.workspace import Workspace
+
 _aten = torch.ops.aten
-
-
-class Workspace:
-    """Flat buffers handed from one call of :class:`GAMRHNRecurrence` to the next.
-
-    A forward :meth:`take`\\ s a buffer for its saved activations and its backward :meth:`give`\\ s it
-    back, so two graphs alive at once get different buffers. Up to ``keep`` free buffers of each size
-    are held. A second backward through the same graph (``retain_graph``) first :meth:`reclaim`\\ s its
-    buffer, which fails if a later forward took it in the meantime. Copies and pickles of a cell get an
-    empty workspace; the cell clears it when switched to evaluation mode.
-    """
-
-    def __init__(self, keep: int = 2):
-        self.keep = keep
-        self._free: list[tuple[Tensor, list[bool]]] = []  # (buffer, [taken since given])
-
-    def take(self, numel: int, like: Tensor) -> Tensor:
-        """A free 1-D buffer of ``numel`` elements (contents undefined), or a new one."""
-        for i, (buf, mark) in enumerate(self._free):
-            if buf.numel() == numel and buf.dtype == like.dtype and buf.device == like.device:
-                del self._free[i]
-                mark[0] = True
-                return buf
-        return like.new_empty(numel)
-
-    def give(self, buf: Tensor) -> list[bool]:
-        """Put ``buf`` back; the returned mark turns True once a later :meth:`take` hands it out."""
-        same = [i for i, (b, _) in enumerate(self._free) if b.numel() == buf.numel() and b.dtype == buf.dtype]
-        if len(same) >= self.keep:
-            del self._free[same[0]]
-        mark = [False]
-        self._free.append((buf, mark))
-        return mark
-
-    def reclaim(self, buf: Tensor, mark: list[bool]) -> bool:
-        """Take back a buffer given earlier; False if someone has taken it since."""
-        if mark[0]:
-            return False
-        self._free = [(b, m) for b, m in self._free if b is not buf]
-        return True
-
-    def clear(self) -> None:
-        """Drop every free buffer."""
-        self._free.clear()
-
-    def __len__(self) -> int:
-        return len(self._free)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"keep": self.keep, "_free": []}
 
 
 def _carve(flat: Tensor, shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
@@ -108,7 +60,7 @@ def _numel(shapes: dict[str, tuple[int, ...]]) -> int:
 
 def _take(workspace: Workspace | None, shapes: dict[str, tuple[int, ...]], like: Tensor) -> tuple[Tensor, dict]:
     n = _numel(shapes)
-    flat = workspace.take(n, like) if workspace is not None else like.new_empty(n)
+    flat = workspace.take(((n,),), like)[0] if workspace is not None else like.new_empty(n)
     return flat, _carve(flat, shapes)
 
 
@@ -240,7 +192,7 @@ class GAMRHNRecurrence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dys: Tensor, dm_out: Tensor, ds_out: Tensor) -> tuple[Tensor | None, ...]:
         workspace: Workspace | None = ctx.workspace
-        if ctx.mark is not None and not workspace.reclaim(ctx.flat, ctx.mark):
+        if ctx.mark is not None and not workspace.reclaim((ctx.flat,), ctx.mark):
             raise RuntimeError(
                 "gam_rhn: a second backward through a graph whose saved buffers a later forward reused; set "
                 "cell.explicit_backward = False for this (retain_graph) use"
@@ -373,6 +325,6 @@ class GAMRHNRecurrence(torch.autograd.Function):
                           buf["hs"][i - 1].view(tb, -1)[:, 2 * d :].t() @ da, da.sum(0)]
         dxp = dg0[..., 3 * d :].clone()  # handed to autograd: not a view of a workspace buffer
         if workspace is not None:
-            workspace.give(sflat)
-            ctx.mark = workspace.give(ctx.flat)
+            workspace.give((sflat,))
+            ctx.mark = workspace.give((ctx.flat,))
         return (dxp, dm, ds, None, None, None, None, *grads)

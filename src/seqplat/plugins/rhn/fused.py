@@ -10,8 +10,8 @@ the strategy of oneDNN's and cuDNN's RNN kernels.
 
 The per-step buffers are big (``[L, T, b, 2n]``), and a fresh large allocation costs a page fault per
 4 KiB on first touch, which on some machines (VMs, sandboxes) is a large part of a training step. A
-:class:`Workspace` (cuDNN's "reserve space") lets a cell hand the same buffers to every call: the
-forward takes them, the backward gives them back once it has read them.
+:class:`~seqplat.core.workspace.Workspace` (cuDNN's "reserve space") lets a cell hand the same
+buffers to every call: the forward takes them, the backward gives them back once it has read them.
 
 The math is eqs. R1-R4 of :mod:`seqplat.plugins.rhn.cell` in the form of ``RHNCell.fast_forward``
 (``s' = s + t' * (h - s)``, Zilly's form). With gate dropout (mask ``g``, Suarez's code) the carry
@@ -31,64 +31,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seqplat.core.workspace import Workspace
+
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # grad * y * (1 - y), into grad_input
-
-_Key = tuple[tuple[tuple[int, ...], ...], torch.dtype, torch.device]
-
-
-class Workspace:
-    """Buffers :class:`RHNRecurrence` reuses from one call to the next, so that a training loop does not
-    allocate (and page-fault in) its saved activations every step.
-
-    While free, at most ``keep`` sets of each shape are held, and ``limit`` sets in all (the oldest
-    go first). Copies and pickles of a cell get an empty workspace.
-    """
-
-    def __init__(self, keep: int = 2, limit: int = 12):
-        self.keep, self.limit = keep, limit
-        # (key, buffers, ticket): ticket[0] turns True when a later take() hands the buffers out again
-        self._free: list[tuple[_Key, tuple[Tensor, ...], list[bool]]] = []
-
-    @staticmethod
-    def _key(shapes: tuple[tuple[int, ...], ...], like: Tensor) -> _Key:
-        return shapes, like.dtype, like.device
-
-    def take(self, shapes: tuple[tuple[int, ...], ...], like: Tensor) -> tuple[Tensor, ...]:
-        """Free buffers of these shapes (contents undefined), or new ones."""
-        key = self._key(shapes, like)
-        for i, (k, bufs, ticket) in enumerate(self._free):
-            if k == key:
-                del self._free[i]
-                ticket[0] = True
-                return bufs
-        return tuple(like.new_empty(shape) for shape in shapes)
-
-    def give(self, bufs: tuple[Tensor, ...]) -> list[bool]:
-        """Return buffers taken with :meth:`take` (the oldest beyond ``keep`` / ``limit`` are dropped).
-        The ticket returned says later whether someone has taken them since (see :meth:`reclaim`)."""
-        key = self._key(tuple(tuple(b.shape) for b in bufs), bufs[0])
-        same = [i for i, (k, _, _) in enumerate(self._free) if k == key]
-        if len(same) >= self.keep:
-            del self._free[same[0]]
-        ticket = [False]
-        self._free.append((key, bufs, ticket))
-        del self._free[: -self.limit]
-        return ticket
-
-    def reclaim(self, bufs: tuple[Tensor, ...], ticket: list[bool]) -> bool:
-        """Take back buffers given with :meth:`give`; False if someone has taken them since."""
-        if ticket[0]:
-            return False
-        self._free = [entry for entry in self._free if entry[1][0] is not bufs[0]]
-        return True
-
-    def clear(self) -> None:
-        """Drop every free buffer."""
-        self._free.clear()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"keep": self.keep, "limit": self.limit, "_free": []}
-
 
 def rhn_loop(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h: Tensor | None,
              mask_g: Tensor | None, keep: bool, workspace: Workspace | None = None,

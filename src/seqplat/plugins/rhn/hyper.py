@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from seqplat import CellConfig, StepCell
 from seqplat.core.cell import State
+from seqplat.core.workspace import Workspace
 
 from .common import (
     dropout_mask,
@@ -52,7 +53,7 @@ from .common import (
     set_transform_bias_,
     step_dropout_masks,
 )
-from .fused import RHNRecurrence, Workspace
+from .fused import RHNRecurrence
 
 
 class HyperRHNConfig(CellConfig):
