@@ -84,7 +84,7 @@ def test_config_schema_and_listings_are_json():
         rows = json.loads(result.output)
         assert all({"name", "plugin", "description"} <= set(r) for r in rows)
     cells = {r["name"]: r for r in json.loads(invoke("cells", "--json").output)}
-    assert {o["name"] for o in cells["lstm"]["options"]} == {"hidden_size", "bias", "forget_bias"}
+    assert {o["name"] for o in cells["lstm"]["options"]} == {"hidden_size", "bias", "forget_bias", "impl"}
     assert all(o["description"] for o in cells["lstm"]["options"])
 
 

@@ -39,7 +39,7 @@ def test_recipe_base_chain(recipe):
 
 def test_component_defaults_are_filled_in(recipe):
     run = build_run_config(plugin="toyp")
-    assert run.cell == {"name": "lstm", "hidden_size": 8, "bias": True, "forget_bias": 0.0}
+    assert run.cell == {"name": "lstm", "hidden_size": 8, "bias": True, "forget_bias": 0.0, "impl": "fused"}
 
 
 def test_switching_component_drops_old_options(recipe):

@@ -6,9 +6,13 @@ path, so the two are tested against each other and quantizers can reach every ga
 
 LSTM (Hochreiter & Schmidhuber 1997, with forget gate; torch's gate order i, f, g, o)::
 
-    i, f, g, o = split(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)
-    c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
-    h_t = sigmoid(o) * tanh(c_t)
+    (1) i, f, g, o = split(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)
+    (2) c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
+    (3) h_t = sigmoid(o) * tanh(c_t)
+
+The ``lstm`` cell has a second fast path, ``impl="own"`` (``own_lstm.py``): seqplat's own LSTM over the
+same parameters, with the input GEMM hoisted out of the loop, a custom autograd function and one
+weight-gradient GEMM after the backward loop (a C++ loop when a compiler is present).
 
 GRU (Cho et al. 2014; torch's order r, z, n)::
 
@@ -18,6 +22,8 @@ GRU (Cho et al. 2014; torch's order r, z, n)::
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -26,6 +32,8 @@ from torch import Tensor, nn
 from seqplat import CellConfig, StepCell
 from seqplat.core.cell import State
 
+from .own_lstm import own_lstm
+
 
 class RNNBaseConfig(CellConfig):
     hidden_size: int = Field(128, ge=1, description="hidden units h")
@@ -33,9 +41,16 @@ class RNNBaseConfig(CellConfig):
     forget_bias: float = Field(0.0, description="LSTM only: added to the forget-gate bias at init (e.g. 1.0)")
 
 
+class LSTMConfig(RNNBaseConfig):
+    impl: Literal["fused", "own"] = Field(
+        "fused", description="fast path: 'fused' (torch's nn.LSTM, oneDNN/cuDNN) or 'own' (seqplat's hoisted "
+        "LSTM with a custom backward, a C++ loop on CPU when a compiler is present; same parameters)")
+
+
 class _FusedBase(StepCell):
     config_class = RNNBaseConfig
     has_fast_path = True
+    fused_kernel = True  # train.compile=step keeps the fused kernel (or the own LSTM) rather than compiling `step`
     weight_roles = {"input": ("rnn.weight_ih_l0",), "recurrent": ("rnn.weight_hh_l0",)}
     module_cls: type[nn.RNNBase]
 
@@ -52,12 +67,13 @@ class _FusedBase(StepCell):
 
 
 class LSTMCell(_FusedBase):
-    """LSTM on torch's fused kernel (fast path) with a hand-written reference step."""
+    """LSTM on torch's fused kernel or seqplat's own (fast paths) with a hand-written reference step."""
 
+    config_class = LSTMConfig
     module_cls = nn.LSTM
     activation_roles = ("gate_preact", "gate", "candidate_preact", "candidate", "cell", "hidden_preact", "hidden")
 
-    def __init__(self, input_size: int, config: RNNBaseConfig):
+    def __init__(self, input_size: int, config: LSTMConfig):
         super().__init__(input_size, config)
         if config.forget_bias and config.bias:
             h = config.hidden_size
@@ -71,17 +87,19 @@ class LSTMCell(_FusedBase):
     def step(self, x_t: Tensor, state: State, *, t: Tensor | None = None) -> tuple[Tensor, State]:
         h, c = state
         w_ih, w_hh, b_ih, b_hh = self._weights()
-        gates = F.linear(x_t, w_ih, b_ih) + F.linear(h, w_hh, b_hh)  # [b, 4h]
+        gates = F.linear(x_t, w_ih, b_ih) + F.linear(h, w_hh, b_hh)  # eq. 1, [b, 4h]
         i, f, g, o = gates.chunk(4, dim=-1)
         i, f, o = (self.quantize_activation("gate", torch.sigmoid(self.quantize_activation("gate_preact", v)))
                    for v in (i, f, o))
         g = self.quantize_activation("candidate", torch.tanh(self.quantize_activation("candidate_preact", g)))
-        c = self.quantize_activation("cell", f * c + i * g)
-        h = self.quantize_activation("hidden", o * torch.tanh(self.quantize_activation("hidden_preact", c)))
+        c = self.quantize_activation("cell", f * c + i * g)  # eq. 2
+        h = self.quantize_activation("hidden", o * torch.tanh(self.quantize_activation("hidden_preact", c)))  # eq. 3
         return h, (h, c)
 
     def fast_forward(self, x, state, *, times=None):
         h, c = state
+        if getattr(self.config, "impl", "fused") == "own":
+            return own_lstm(x, h, c, *self._weights())
         y, (h_n, c_n) = self.rnn(x, (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous()))
         return y, (h_n.squeeze(0), c_n.squeeze(0))
 

@@ -1,0 +1,180 @@
+// seqplat's own LSTM on CPU: the recurrence loop of the `lstm` cell's impl="own" (own_lstm.py).
+//
+// The equations of cells.py (torch's gate order i, f, g, o):
+//
+//     (1) a = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh = [a_i, a_f, a_g, a_o]
+//         i = sigmoid(a_i), f = sigmoid(a_f), g = tanh(a_g), o = sigmoid(a_o)
+//     (2) c_t = f * c_{t-1} + i * g
+//     (3) h_t = o * tanh(c_t)
+//
+// The caller hoists the input half of (1), xp_t = W_ih x_t + b_ih + b_hh, into one GEMM over all steps.
+// Each forward step here is one at::mm_out (h_{t-1} W_hh^T into the gate buffer) and one fused
+// elementwise pass over the batch rows that adds xp_t, activates the gates in place and writes c_t,
+// tanh(c_t) and h_t. Each backward step is one fused elementwise pass that adds the output gradient
+// to dh, writes d a_t into a [T, B, 4H] buffer and updates dc, then one at::mm_out for
+// dh_{t-1} = d a_t W_hh. After the loop
+// grad W_hh is a single GEMM over all T*B rows (this is what makes the backward cheaper than
+// accumulating dW step by step).
+//
+// Layout: everything is time major and contiguous: xp, gates [T, B, 4H]; hs, cs [T+1, B, H] with
+// hs[0] = h_0 and hs[t+1] = h_t; tcs [T, B, H] = tanh(c_t). Rows run in parallel (at::parallel_for)
+// only when a step is large enough to pay for it.
+//
+// Speed: the row loops carry `#pragma omp simd` and seqplat.core.cpp_ext compiles the file with
+// `-O3 -ffast-math -fopenmp-simd` (and `-march=native` where accepted; compile flags only, not link
+// flags), so std::exp / std::tanh become libmvec's vector functions with glibc >= 2.35.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+namespace {
+
+// rows per parallel chunk: at least 64k elements of a step's [B, 4H] gate buffer (a smaller step costs
+// less on one thread than waking the others)
+int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 65536 / (4 * H)); }
+
+template <typename scalar_t>
+inline scalar_t sigmoid(scalar_t v) {
+  return scalar_t(1) / (scalar_t(1) + std::exp(-v));
+}
+
+// `a` holds W_hh h_{t-1} on entry and the activated gates on exit; `xp` is the hoisted input part of (1)
+template <typename scalar_t>
+void forward_cell(scalar_t* a, const scalar_t* xp, const scalar_t* c_prev, scalar_t* c, scalar_t* tc, scalar_t* h,
+                  int64_t B, int64_t H) {
+  at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* ar = a + r * 4 * H;
+      const scalar_t* xr = xp + r * 4 * H;
+      const int64_t o_ = r * H;
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) {
+        // (1) a = xp_t + W_hh h_{t-1}, then the gate nonlinearities
+        const scalar_t i = sigmoid(ar[k] + xr[k]);                  // (1) i = sigmoid(a_i)
+        const scalar_t f = sigmoid(ar[H + k] + xr[H + k]);          // (1) f = sigmoid(a_f)
+        const scalar_t g = std::tanh(ar[2 * H + k] + xr[2 * H + k]);  // (1) g = tanh(a_g)
+        const scalar_t o = sigmoid(ar[3 * H + k] + xr[3 * H + k]);  // (1) o = sigmoid(a_o)
+        const scalar_t cn = f * c_prev[o_ + k] + i * g;    // (2) c_t = f * c_{t-1} + i * g
+        const scalar_t t = std::tanh(cn);                  // (3) tanh(c_t)
+        ar[k] = i;
+        ar[H + k] = f;
+        ar[2 * H + k] = g;
+        ar[3 * H + k] = o;
+        c[o_ + k] = cn;
+        tc[o_ + k] = t;
+        h[o_ + k] = o * t;                                 // (3) h_t = o * tanh(c_t)
+      }
+    }
+  });
+}
+
+// dh_t = dh_rec (from step t+1, or grad h_T) + g_y (the output gradient of step t)
+template <typename scalar_t>
+void backward_cell(const scalar_t* a, const scalar_t* c_prev, const scalar_t* tc, const scalar_t* dh_rec,
+                   const scalar_t* g_y, scalar_t* dc, scalar_t* da, int64_t B, int64_t H) {
+  at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* ar = a + r * 4 * H;
+      scalar_t* dar = da + r * 4 * H;
+      const int64_t o_ = r * H;
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) {
+        const scalar_t i = ar[k], f = ar[H + k], g = ar[2 * H + k], o = ar[3 * H + k];
+        const scalar_t t = tc[o_ + k], dht = dh_rec[o_ + k] + g_y[o_ + k];
+        // (3) h_t = o * tanh(c_t): d a_o = dh * tanh(c_t) * o (1 - o);  dc += dh * o * (1 - tanh(c_t)^2)
+        const scalar_t dct = dc[o_ + k] + dht * o * (scalar_t(1) - t * t);
+        dar[3 * H + k] = dht * t * o * (scalar_t(1) - o);
+        // (2) c_t = f * c_{t-1} + i * g: d a_i = dc * g * i (1 - i), d a_f = dc * c_{t-1} * f (1 - f),
+        //     d a_g = dc * i * (1 - g^2), dc_{t-1} = dc * f
+        dar[k] = dct * g * i * (scalar_t(1) - i);
+        dar[H + k] = dct * c_prev[o_ + k] * f * (scalar_t(1) - f);
+        dar[2 * H + k] = dct * i * (scalar_t(1) - g * g);
+        dc[o_ + k] = dct * f;
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& xp, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0) {
+  TORCH_CHECK(xp.dim() == 3 && xp.size(2) % 4 == 0, "own lstm: xp must be [time, batch, 4*hidden], got ", xp.sizes());
+  const int64_t B = xp.size(1), H = xp.size(2) / 4;
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == H, "own lstm: w_hh must be [", 4 * H,
+              ", ", H, "], got ", w_hh.sizes());
+  TORCH_CHECK(h0.sizes() == c0.sizes() && h0.dim() == 2 && h0.size(0) == B && h0.size(1) == H,
+              "own lstm: h0 and c0 must be [", B, ", ", H, "]");
+  TORCH_CHECK(xp.device().is_cpu(), "own lstm: the C++ loop runs on CPU tensors only");
+  for (const auto* t : {&w_hh, &h0, &c0}) {
+    TORCH_CHECK(t->scalar_type() == xp.scalar_type(), "own lstm: all inputs must share xp's dtype");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_forward(const at::Tensor& xp_in,
+                                                                            const at::Tensor& w_hh_in,
+                                                                            const at::Tensor& h0,
+                                                                            const at::Tensor& c0) {
+  check_inputs(xp_in, w_hh_in, h0, c0);
+  const at::Tensor xp = xp_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const int64_t T = xp.size(0), B = xp.size(1), H = xp.size(2) / 4;
+  at::Tensor gates = at::empty_like(xp);
+  at::Tensor hs = at::empty({T + 1, B, H}, xp.options());
+  at::Tensor cs = at::empty({T + 1, B, H}, xp.options());
+  at::Tensor tcs = at::empty({T, B, H}, xp.options());
+  hs[0].copy_(h0);
+  cs[0].copy_(c0);
+  const at::Tensor w_t = w_hh.t();  // [H, 4H]
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "own_lstm_forward", [&] {
+    for (int64_t t = 0; t < T; ++t) {
+      at::Tensor a = gates[t];
+      at::mm_out(a, hs[t], w_t);  // (1) W_hh h_{t-1} (xp_t is added in forward_cell)
+      forward_cell<scalar_t>(a.mutable_data_ptr<scalar_t>(), xp[t].const_data_ptr<scalar_t>(),
+                             cs[t].const_data_ptr<scalar_t>(),
+                             cs[t + 1].mutable_data_ptr<scalar_t>(), tcs[t].mutable_data_ptr<scalar_t>(),
+                             hs[t + 1].mutable_data_ptr<scalar_t>(), B, H);
+    }
+  });
+  return {gates, hs, cs, tcs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_backward(
+    const at::Tensor& gates, const at::Tensor& hs, const at::Tensor& cs, const at::Tensor& tcs,
+    const at::Tensor& w_hh_in, const at::Tensor& g_y_in, const at::Tensor& g_hT, const at::Tensor& g_cT) {
+  const int64_t T = gates.size(0), B = gates.size(1), H = gates.size(2) / 4;
+  TORCH_CHECK(T >= 1, "own lstm: the backward pass needs at least one step");
+  const at::Tensor w_hh = w_hh_in.contiguous();
+  const at::Tensor g_y = g_y_in.to(gates.scalar_type()).contiguous();
+  at::Tensor da_all = at::empty_like(gates);
+  at::Tensor dh = g_hT.to(gates.scalar_type()).clone().contiguous();  // dh_T without g_y[T-1]
+  at::Tensor dc = g_cT.to(gates.scalar_type()).clone().contiguous();
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "own_lstm_backward", [&] {
+    for (int64_t t = T - 1; t >= 0; --t) {
+      at::Tensor da = da_all[t];
+      backward_cell<scalar_t>(gates[t].const_data_ptr<scalar_t>(), cs[t].const_data_ptr<scalar_t>(),
+                              tcs[t].const_data_ptr<scalar_t>(), dh.const_data_ptr<scalar_t>(),
+                              g_y[t].const_data_ptr<scalar_t>(), dc.mutable_data_ptr<scalar_t>(),
+                              da.mutable_data_ptr<scalar_t>(), B, H);
+      // (1) a = xp_t + W_hh h_{t-1}: dh_{t-1} = d a_t W_hh (g_y[t-1] is added in the next backward_cell)
+      at::mm_out(dh, da, w_hh);
+    }
+  });
+  // (1) a = xp_t + W_hh h_{t-1}: grad W_hh = sum_t d a_t^T h_{t-1}, one GEMM over all T*B rows
+  at::Tensor grad_w = at::mm(da_all.view({T * B, 4 * H}).t(), hs.narrow(0, 0, T).reshape({T * B, H}));
+  return {da_all, grad_w, dh, dc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(seqplat_own_lstm, m) {
+  m.def("forward(Tensor xp, Tensor w_hh, Tensor h0, Tensor c0) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "backward(Tensor gates, Tensor hs, Tensor cs, Tensor tcs, Tensor w_hh, Tensor grad_y, Tensor grad_hT, "
+      "Tensor grad_cT) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(seqplat_own_lstm, CPU, m) {
+  m.impl("forward", &own_lstm_forward);
+  m.impl("backward", &own_lstm_backward);
+}
