@@ -63,10 +63,11 @@ class _SequenceCell(Cell):
     """A plain Cell holding a StepCell that it drives step by step (as sab does)."""
 
     config_class = _Cfg
+    drives_inner_steps = True
 
-    def __init__(self, input_size: int, config: _Cfg = _Cfg()):
+    def __init__(self, input_size: int, config: _Cfg = _Cfg(), inner: type[StepCell] = _Elman):
         super().__init__(input_size, config)
-        self.inner = _Elman(input_size, config)
+        self.inner = inner(input_size, config)
 
     def reference_forward(self, x, state, *, times=None):
         ys = []
@@ -100,6 +101,12 @@ def test_step_mode_compiles_the_outermost_step_and_leaves_kernels_alone():
     assert "step" not in vars(model["c"]) and "step" not in vars(model["d"])
     compiled.restore()
     assert "step" not in vars(model["a"]) and model["a"].use_fast_path
+
+
+def test_a_wrapper_that_drives_steps_gets_them_compiled_even_on_a_fused_kernel_cell():
+    model = nn.ModuleDict({"sab_like": _SequenceCell(2, inner=_Kernel), "plain": _Kernel(2)})
+    compiled = compile_steps(model, _counting_compiler([]))
+    assert compiled.names == ["sab_like.inner"]  # the kernel cell on its own keeps its fast path
 
 
 def test_step_mode_gives_the_eager_outputs_and_gradients():

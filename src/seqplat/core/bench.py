@@ -133,8 +133,8 @@ class _Probe:
         module.train()
         self.steps = compile_steps(module) if compiled == "step" else CompiledSteps()
         if compiled == "step" and not self.steps.names:
-            raise ConfigError(f"--compile step: {type(module).__name__} has no step function to compile (its fast "
-                              "path is a fused or sequence kernel); use --compile model")
+            raise ConfigError(f"--compile step: {type(module).__name__} has no step function to compile (fused and "
+                              "sequence kernels keep their fast path); use --compile model")
         self.runner = torch.compile(module) if compiled == "model" else module
         start = time.perf_counter()
         self.w = torch.randn_like(self.forward())

@@ -93,6 +93,9 @@ class Cell(nn.Module):
     has_fast_path: ClassVar[bool] = False
     #: the cell can be unrolled one step at a time (wrapper cells such as SAB need this)
     supports_step: ClassVar[bool] = False
+    #: a wrapper that advances its inner cells with their ``step`` (sab): ``compile=step`` compiles those
+    #: steps even where the inner cell's own fast path is a fused kernel, since the wrapper never runs it
+    drives_inner_steps: ClassVar[bool] = False
     #: quantization roles: weight parameter names and activation role names (see seqplat.Quantizer)
     weight_roles: ClassVar[dict[str, tuple[str, ...]]] = {}
     activation_roles: ClassVar[tuple[str, ...]] = ()

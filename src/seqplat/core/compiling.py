@@ -12,8 +12,10 @@
   time does not depend on T, and the step's small ops are fused. A cell opts in through
   :meth:`seqplat.Cell.step_compile_target`; a :class:`~seqplat.StepCell` that runs the core's
   loop over ``step`` is in by default. In a wrapper (``fs_rnn``, ``sab``) the outermost cell that
-  can compile its step does so; its inner cells run inside that step, as in eager mode. Cells
-  without one (fused kernels, custom sequence kernels) stay as they are.
+  can compile its step does so; its inner cells run inside that step, as in eager mode. A wrapper
+  that advances its inner cells with ``step`` itself (``Cell.drives_inner_steps``: sab) gets its
+  inner cells' steps compiled, fused-kernel cells included. Cells without a step to compile (fused
+  kernels run through their fast path, custom sequence kernels) stay as they are.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from .cell import Cell
+from .cell import Cell, StepCell
 
 log = logging.getLogger("seqplat.compile")
 
@@ -93,10 +95,15 @@ def compile_steps(model: nn.Module, compiler: Callable[[Callable[..., Any]], Cal
 
         compiler = torch.compile
     done = CompiledSteps()
+    drivers: list[str] = []  # wrappers that call their inner cells' `step` directly
     for name, module in model.named_modules():
         if not isinstance(module, Cell) or any(_inside(name, outer) for outer in done.names):
             continue
         attr = module.step_compile_target()
+        if attr is None and isinstance(module, StepCell) and any(_inside(name, d) for d in drivers):
+            attr = "step"  # its wrapper runs `step`, never the cell's fused fast path
+        if module.drives_inner_steps:
+            drivers.append(name)
         if attr is None:
             continue
         done.entries.append((name, module, attr, module.use_fast_path))

@@ -69,6 +69,7 @@ class SABCell(Cell):
     config_class = SABConfig
     supports_state_carry = True
     supports_step = False
+    drives_inner_steps = True  # the loop below calls inner.step: compile=step compiles that
     #: the fast path routes memory gradients sparsely (memory.ChainMemory) and scores with the MLP scorer
     #: without saving tanh activations (attention.BlockedKeys)
     has_fast_path = True
