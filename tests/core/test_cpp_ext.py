@@ -63,3 +63,19 @@ def test_no_compiler_is_reported_by_name(monkeypatch, tmp_path):
     state = {"loaded": False, "error": None}
     assert not cpp_ext.build_extension(state, SOURCE, "k", "test", tmp_path)
     assert state["error"] == "no C++ compiler '/nonexistent/c++' on PATH (set CXX to use another)"
+
+
+def test_load_kernel_warns_once_with_the_fallback_and_raises_the_fix_when_strict(monkeypatch, tmp_path, caplog):
+    from seqplat import SeqplatError
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    state = {"loaded": False, "error": None}
+    args = (state, SOURCE, "k", "mykernel", tmp_path)
+    with caplog.at_level("WARNING", logger="seqplat.core.cpp_ext"):
+        assert not cpp_ext.load_kernel(*args, fallback="using the slow loop", fix="install a compiler")
+        assert not cpp_ext.load_kernel(*args, fallback="using the slow loop", fix="install a compiler")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["mykernel: the C++ kernel is unavailable (no C++ compiler '/nonexistent/c++' on PATH (set CXX "
+                        "to use another)); using the slow loop"]
+    with pytest.raises(SeqplatError, match=r"mykernel: the C\+\+ kernel cannot be built .*; install a compiler$"):
+        cpp_ext.load_kernel(*args, fallback="x", fix="install a compiler", strict=True)

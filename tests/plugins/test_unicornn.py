@@ -432,7 +432,8 @@ def test_backend_fallback_and_errors(monkeypatch):
     x = torch.randn(2, 3, 4)
     monkeypatch.setattr(recurrence, "_EXT", {"loaded": False, "error": "simulated: no compiler"})
     assert recurrence.resolve_backend("auto", x) == "python"
-    with pytest.raises(SeqplatError, match="cell.backend='cpp' but the C.. kernel cannot be built"):
+    with pytest.raises(SeqplatError, match=r"unicornn: the C\+\+ kernel cannot be built \(simulated: no compiler\); "
+                       r"cell.backend='cpp' needs it"):
         recurrence.resolve_backend("cpp", x)
     assert recurrence.resolve_backend("auto", x.half()) == "python"
     with pytest.raises(ValueError, match="float32/float64 CPU tensors"):

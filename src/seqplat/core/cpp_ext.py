@@ -65,13 +65,32 @@ def extension_name(prefix: str, source: Path, flags: tuple[str, ...]) -> str:
     return f"{prefix}_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
+def load_kernel(state: dict[str, Any], source: Path, prefix: str, label: str, cache_dir: Path | None = None, *,
+                fallback: str, fix: str, strict: bool = False) -> bool:
+    """:func:`build_extension`, with the plugin's messages: True when the kernel is usable.
+
+    The first failure is logged once as a warning ending in ``fallback`` (what runs instead); with
+    ``strict`` a failure raises :class:`~seqplat.SeqplatError` ending in ``fix`` (what the user can do).
+    """
+    first = not state["loaded"] and state["error"] is None
+    if build_extension(state, source, prefix, label, cache_dir):
+        return True
+    if first:
+        log.warning("%s: the C++ kernel is unavailable (%s); %s", label, state["error"], fallback)
+    if strict:
+        from seqplat.core.errors import SeqplatError
+
+        raise SeqplatError(f"{label}: the C++ kernel cannot be built ({state['error']}); {fix}")
+    return False
+
+
 def build_extension(state: dict[str, Any], source: Path, prefix: str, label: str,
                     cache_dir: Path | None = None) -> bool:
     """Compile (first use only) and load ``source`` as a torch op library; True when it is loaded.
 
     ``state`` is the caller's ``{"loaded": bool, "error": str | None}``: a failure (no compiler, no
-    ninja, a compile error) is recorded there and logged once, and later calls return False at once.
-    ``label`` names the kernel in log lines.
+    ninja, a compile error) is recorded there and later calls return False at once. ``label`` names
+    the kernel in log lines.
     """
     if state["loaded"]:
         return True

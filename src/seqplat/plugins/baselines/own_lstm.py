@@ -35,8 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from seqplat import SeqplatError
-from seqplat.core.cpp_ext import build_extension
+from seqplat.core.cpp_ext import load_kernel
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +139,10 @@ def load_cpp_extension(strict: bool = False, cache_dir: Path | None = None) -> b
     the cache folder. A failure (no compiler, no ninja, a compile error) is remembered and logged
     once; with ``strict`` it raises :class:`~seqplat.SeqplatError` instead.
     """
-    if _EXT["loaded"]:
-        return True
-    first = _EXT["error"] is None
-    if build_extension(_EXT, CPP_SOURCE, "seqplat_own_lstm_cpu", "lstm (impl='own')", cache_dir):
-        return True
-    if first:
-        log.warning("lstm: the C++ loop of impl='own' is unavailable (%s); using the PyTorch loop", _EXT["error"])
-    if strict:
-        raise SeqplatError(
-            f"lstm: the C++ loop of impl='own' cannot be built ({_EXT['error']}); "
-            "install a C++ compiler and ninja, or use backend 'auto' or 'python'"
-        )
-    return False
+    return load_kernel(_EXT, CPP_SOURCE, "seqplat_own_lstm_cpu", "lstm (impl='own')", cache_dir, strict=strict,
+                       fallback="using the PyTorch loop",
+                       fix="backend 'cpp' needs it: install a C++ compiler and ninja, or use backend "
+                       "'auto' or 'python'")
 
 
 def cpp_error() -> str | None:

@@ -33,8 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from seqplat import SeqplatError
-from seqplat.core.cpp_ext import build_extension
+from seqplat.core.cpp_ext import load_kernel
 
 log = logging.getLogger(__name__)
 
@@ -134,19 +133,10 @@ def load_cpp_extension(strict: bool = False, cache_dir: Path | None = None) -> b
     overrides the cache folder. Failures (no compiler, no ninja, a compile error) are remembered
     and logged once; with ``strict`` they raise :class:`~seqplat.SeqplatError` instead.
     """
-    if _EXT["loaded"]:
-        return True
-    first = _EXT["error"] is None
-    if build_extension(_EXT, CPP_SOURCE, "seqplat_unicornn_cpu", "unicornn", cache_dir):
-        return True
-    if first:
-        log.warning("unicornn: C++ kernel unavailable (%s); using the PyTorch backend", _EXT["error"])
-    if strict:
-        raise SeqplatError(
-            f"unicornn: cell.backend='cpp' but the C++ kernel cannot be built ({_EXT['error']}); "
-            "install a C++ compiler and ninja, or set cell.backend=auto or python"
-        )
-    return False
+    return load_kernel(_EXT, CPP_SOURCE, "seqplat_unicornn_cpu", "unicornn", cache_dir, strict=strict,
+                       fallback="using the PyTorch backend",
+                       fix="cell.backend='cpp' needs it: install a C++ compiler and ninja, or set "
+                       "cell.backend=auto or python")
 
 
 def cpp_error() -> str | None:
