@@ -140,16 +140,23 @@ def test_hidden_mask_only_on_the_matmul_input_not_the_carry():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("masks", ["none", "hidden", "gate", "both"])
-@pytest.mark.parametrize("depth", [1, 3])
-def test_recurrence_gradcheck_float64(depth, masks):
-    torch.manual_seed(0)
-    steps, b, n = 3, 2, 3
+def _gradcheck_inputs(depth: int, seed: int, steps: int = 3, b: int = 2, n: int = 3):
+    """Tiny float64 inputs of the Function: ``xp [T, b, 2n]``, ``s0``, ``w [L, 2n, n]``, ``bias [L, 2n]``."""
+    torch.manual_seed(seed)
     dt = torch.float64
     xp = torch.randn(steps, b, 2 * n, dtype=dt, requires_grad=True)
     s0 = torch.randn(b, n, dtype=dt, requires_grad=True)
     w = (0.5 * torch.randn(depth, 2 * n, n, dtype=dt)).requires_grad_(True)
     bias = torch.randn(depth, 2 * n, dtype=dt, requires_grad=True)
+    return xp, s0, w, bias
+
+
+@pytest.mark.parametrize("masks", ["none", "hidden", "gate", "both"])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_recurrence_gradcheck_float64(depth, masks):
+    steps, b, n = 3, 2, 3
+    dt = torch.float64
+    xp, s0, w, bias = _gradcheck_inputs(depth, seed=0)
     mask_h = torch.bernoulli(torch.full((b, n), 0.6, dtype=dt)) / 0.6 if masks in ("hidden", "both") else None
     mask_g = (torch.bernoulli(torch.full((steps, depth, b, n), 0.6, dtype=dt)) / 0.6
               if masks in ("gate", "both") else None)
@@ -229,13 +236,9 @@ def test_two_graphs_alive_and_retain_graph():
 @pytest.mark.parametrize("depth", [1, 3])
 def test_recurrence_gradcheck_float64_hyper_variants(depth, variant):
     """The two uses by ``hyper_rhn``: scaled recurrent products (eq. H3) and every layer's output (eq. H2)."""
-    torch.manual_seed(1)
     steps, b, n = 3, 2, 3
     dt = torch.float64
-    xp = torch.randn(steps, b, 2 * n, dtype=dt, requires_grad=True)
-    s0 = torch.randn(b, n, dtype=dt, requires_grad=True)
-    w = (0.5 * torch.randn(depth, 2 * n, n, dtype=dt)).requires_grad_(True)
-    bias = torch.randn(depth, 2 * n, dtype=dt, requires_grad=True)
+    xp, s0, w, bias = _gradcheck_inputs(depth, seed=1)
     z = torch.randn(depth, steps, b, n, dtype=dt, requires_grad=True)
     mask_g = torch.bernoulli(torch.full((steps, depth, b, n), 0.6, dtype=dt)) / 0.6 if "gate" in variant else None
     inputs = (xp, s0, w, bias, z) if variant.startswith("scales") else (xp, s0, w, bias)
