@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from torch import nn
 
@@ -32,7 +32,7 @@ from .cell import Cell, StepCell
 log = logging.getLogger("seqplat.compile")
 
 CompileMode = Literal["off", "model", "step"]
-COMPILE_MODES: tuple[str, ...] = ("off", "model", "step")
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
 def compile_mode(value: object) -> object:
@@ -74,12 +74,6 @@ class CompiledSteps:
             for cell, attr, fn, fast in held:
                 cell.__dict__[attr] = fn
                 cell.use_fast_path = fast
-
-    def __enter__(self) -> CompiledSteps:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
 
 
 def compile_steps(model: nn.Module, compiler: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
