@@ -31,8 +31,12 @@ from seqplat.plugins.hitnet import (
 from seqplat.plugins.hitnet.config import HitNetConfig, QuantizeConfig, TernaryConfig
 from seqplat.plugins.hitnet.functions import (
     bernoulli_ternary,
+    codebook,
+    direct_weights,
+    lookup,
     pack_codes,
     packed_bytes,
+    ste,
     twn_statistics,
     unpack_codes,
     weight_codes,
@@ -157,6 +161,33 @@ def test_weight_ste_passes_the_gradient_unchanged(method):
     wq = WeightQuantizer(QuantizeConfig(weights=method, activations="none"), w, blocks=1)
     (wq(w) * g).sum().backward()
     assert torch.equal(w.grad, g)
+
+
+@pytest.mark.parametrize("method", ["ternary", "binary"])
+@pytest.mark.parametrize("use_scale", [True, False])
+def test_direct_weights_equal_the_codes_and_codebook(method, use_scale):
+    """The training path's closed form gives W_q value for value as the export's codes do, zero blocks included."""
+    w = torch.randn(4, 30)
+    w[2] = 0.0  # an all-zero block: no weight above Delta = 0
+    w[3, :5] = 0.0
+    codes, scales = weight_codes(method, w, use_scale=use_scale)
+    expected = lookup(codebook(method, scales, 2), codes)
+    got = direct_weights(method, w, use_scale=use_scale)
+    assert torch.equal(got, expected)
+    assert direct_weights("uniform", w) is None and direct_weights("bernoulli", w) is None
+
+
+def test_ste_gives_the_quantized_values_own_graph_its_gradient():
+    """Trained scales learn through ``quantized``; the latent gets ``grad_scale * grad``; double backward works."""
+    scale = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    out = ste(scale * torch.sign(w.detach()), w, grad_scale=3.0)
+    assert torch.equal(out.detach(), 0.5 * torch.sign(w.detach()))
+    g = torch.randn(6, dtype=torch.float64)
+    (gw,) = torch.autograd.grad((out * out * g).sum(), w, create_graph=True)
+    torch.testing.assert_close(gw, 3.0 * 2 * out.detach() * g)
+    (gs,) = torch.autograd.grad(gw.sum(), scale)
+    torch.testing.assert_close(gs, (6.0 * torch.sign(w.detach()) * g).sum())
 
 
 def test_weight_ste_clip_and_trained_ternary_gradients():

@@ -32,6 +32,7 @@ from .functions import (
     bernoulli_ternary,
     binary_activation,
     codebook,
+    direct_weights,
     lookup,
     round_ternary,
     ste,
@@ -114,10 +115,15 @@ class WeightQuantizer(nn.Module):
             key = (token, id(w), w._version, None if scales is None else scales._version)
         if token is not None and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        codes, scales = self._codes(w)
-        if self.method == "trained_ternary":
-            scales = self.scales
-        q = lookup(codebook(self.method, scales, self.bits), codes).view_as(w)
+        q = None if self.method == "trained_ternary" else direct_weights(
+            self.method, w.detach().reshape(self.blocks, -1), threshold=self.threshold, use_scale=self.use_scale)
+        if q is not None:
+            q = q.view_as(w)
+        else:
+            codes, scales = self._codes(w)
+            if self.method == "trained_ternary":
+                scales = self.scales
+            q = lookup(codebook(self.method, scales, self.bits), codes).view_as(w)
         grad_scale: Tensor | None = None
         if self.method == "trained_ternary":  # latent gradient scaled by w_p / 1 / w_n (Zhu et al.)
             ones = torch.ones_like(self.scales[:, :1])
