@@ -19,10 +19,48 @@ def test_cache_names_follow_flags_and_only_native_builds_follow_the_cpu(monkeypa
     assert cpp_ext.extension_name("k", SOURCE, cpp_ext.PORTABLE_FLAGS) == portable
 
 
+NATIVE_OMP = (*cpp_ext.NATIVE_FLAGS, "-fopenmp")
+PORTABLE_OMP = (*cpp_ext.PORTABLE_FLAGS, "-fopenmp")
+
+
 def test_portable_env_skips_the_native_build(monkeypatch):
-    assert cpp_ext.flag_sets() == [cpp_ext.NATIVE_FLAGS, cpp_ext.PORTABLE_FLAGS]
+    monkeypatch.setattr(cpp_ext, "torch_uses_openmp", lambda: True)
+    assert cpp_ext.flag_sets() == [NATIVE_OMP, PORTABLE_OMP, cpp_ext.PORTABLE_FLAGS]
     monkeypatch.setenv("SEQPLAT_PORTABLE_CPP", "1")
-    assert cpp_ext.flag_sets() == [cpp_ext.PORTABLE_FLAGS]
+    assert cpp_ext.flag_sets() == [PORTABLE_OMP, cpp_ext.PORTABLE_FLAGS]
+
+
+def test_openmp_is_only_asked_for_where_torch_runs_on_it(monkeypatch):
+    """A torch without OpenMP (another parallel backend) has no runtime for the kernel's GOMP calls to bind to."""
+    monkeypatch.setattr(cpp_ext, "torch_uses_openmp", lambda: False)
+    assert cpp_ext.flag_sets() == [cpp_ext.NATIVE_FLAGS, cpp_ext.PORTABLE_FLAGS]
+
+
+def test_the_built_kernels_run_their_rows_on_torchs_threads():
+    """The unicornn kernel is built with -fopenmp where torch has OpenMP, and 1 or 2 threads give the same bits."""
+    import torch
+
+    from seqplat.plugins.unicornn import recurrence
+
+    if not recurrence.load_cpp_extension():
+        pytest.skip(f"no C++ kernel here: {recurrence.cpp_error()}")
+    if cpp_ext.torch_uses_openmp():
+        assert "-fopenmp" in recurrence._EXT["flags"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 9, 5, generator=g)
+    w, d = torch.rand(5, generator=g), torch.rand(5, generator=g) * 0.2
+    y0, z0 = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out, yT, zT = torch.ops.seqplat_unicornn.forward(x, w, d, y0, z0, 0.5)
+            grads = torch.ops.seqplat_unicornn.backward(x, w, d, yT, zT, torch.ones_like(x), yT, zT, 0.5)
+            results.append((out, *grads))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 @pytest.fixture
@@ -40,22 +78,24 @@ def fake_load(monkeypatch):
     return calls, refuse
 
 
-def test_a_refused_native_build_falls_back_to_portable_flags(fake_load, tmp_path):
+def test_a_refused_native_build_falls_back_to_portable_flags(fake_load, tmp_path, monkeypatch):
+    monkeypatch.setattr(cpp_ext, "torch_uses_openmp", lambda: True)
     calls, refuse = fake_load
-    refuse.append(cpp_ext.NATIVE_FLAGS)
+    refuse.append(NATIVE_OMP)
     state = {"loaded": False, "error": None}
     assert cpp_ext.build_extension(state, SOURCE, "k", "test", tmp_path)
-    assert calls == [cpp_ext.NATIVE_FLAGS, cpp_ext.PORTABLE_FLAGS] and state["loaded"]
+    assert calls == [NATIVE_OMP, PORTABLE_OMP] and state["loaded"] and state["flags"] == PORTABLE_OMP
     assert cpp_ext.build_extension(state, SOURCE, "k", "test", tmp_path) and len(calls) == 2  # loaded once
 
 
-def test_a_failed_build_is_remembered_and_not_retried(fake_load, tmp_path):
+def test_a_failed_build_is_remembered_and_not_retried(fake_load, tmp_path, monkeypatch):
+    monkeypatch.setattr(cpp_ext, "torch_uses_openmp", lambda: True)
     calls, refuse = fake_load
-    refuse.extend([cpp_ext.NATIVE_FLAGS, cpp_ext.PORTABLE_FLAGS])
+    refuse.extend([NATIVE_OMP, PORTABLE_OMP, cpp_ext.PORTABLE_FLAGS])
     state = {"loaded": False, "error": None}
     assert not cpp_ext.build_extension(state, SOURCE, "k", "test", tmp_path)
     assert "unsupported argument 'native'" in state["error"]
-    assert not cpp_ext.build_extension(state, SOURCE, "k", "test", tmp_path) and len(calls) == 2
+    assert not cpp_ext.build_extension(state, SOURCE, "k", "test", tmp_path) and len(calls) == 3
 
 
 def test_no_compiler_is_reported_by_name(monkeypatch, tmp_path):

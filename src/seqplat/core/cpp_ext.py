@@ -11,6 +11,13 @@ The kernels' inner loops carry ``#pragma omp simd`` and call ``std::tanh``/``std
 compiler use the widest vectors the CPU has (AVX2: 8 floats instead of SSE's 4), which measured
 1.4-1.8x faster for the UnICORNN kernel. Where the compiler refuses ``-march=native`` the portable
 flags are tried next; ``SEQPLAT_PORTABLE_CPP=1`` skips the native build.
+
+``at::parallel_for`` is a header template: its ``#pragma omp parallel`` is compiled into the kernel,
+and without ``-fopenmp`` the compiler drops it and every batch row runs on one thread (the kernels
+took the same time on 1 and 2 threads). Where torch itself runs on OpenMP the kernels are compiled
+with ``-fopenmp`` but not linked with it: the ``GOMP_*`` calls resolve, when the kernel is loaded, to
+the OpenMP runtime torch has already loaded, so the process keeps one runtime and one thread pool
+(``torch.set_num_threads`` applies). A build that fails with it is retried without.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ log = logging.getLogger(__name__)
 #: compile flags only (never link flags: -ffast-math at link time would set flush-to-zero process-wide)
 PORTABLE_FLAGS: tuple[str, ...] = ("-O3", "-ffast-math", "-fopenmp-simd")
 NATIVE_FLAGS: tuple[str, ...] = (*PORTABLE_FLAGS, "-march=native")
+#: compile flag that keeps at::parallel_for's threads (compile only, see the module docstring)
+THREAD_FLAGS: tuple[str, ...] = ("-fopenmp",)
 
 
 def extension_cache_dir() -> Path:
@@ -48,11 +57,21 @@ def cpu_fingerprint() -> str:
     return "\n".join(sorted(set(keep))) or f"{platform.machine()} {platform.processor()}"
 
 
+def torch_uses_openmp() -> bool:
+    """Whether torch's parallel backend is OpenMP (then kernels can share its runtime)."""
+    import torch
+
+    return bool(torch.backends.openmp.is_available())
+
+
 def flag_sets() -> list[tuple[str, ...]]:
-    """The flags to try, best first."""
-    if os.environ.get("SEQPLAT_PORTABLE_CPP", "") not in ("", "0"):
-        return [PORTABLE_FLAGS]
-    return [NATIVE_FLAGS, PORTABLE_FLAGS]
+    """The flags to try, best first: native then portable, threaded where torch runs OpenMP, then plain portable."""
+    bases = [PORTABLE_FLAGS]
+    if os.environ.get("SEQPLAT_PORTABLE_CPP", "") in ("", "0"):
+        bases.insert(0, NATIVE_FLAGS)
+    if not torch_uses_openmp():
+        return bases
+    return [*((*base, *THREAD_FLAGS) for base in bases), PORTABLE_FLAGS]
 
 
 def extension_name(prefix: str, source: Path, flags: tuple[str, ...]) -> str:
@@ -113,11 +132,12 @@ def build_extension(state: dict[str, Any], source: Path, prefix: str, label: str
                 cpp_extension.load(name=name, sources=[str(source)], build_directory=str(build),
                                    extra_cflags=list(flags), is_python_module=False, verbose=False)
             state["loaded"] = True
+            state["flags"] = flags
             return True
         except Exception as exc:  # noqa: BLE001 - compile or load failure: next flags, then the caller's fallback
             msg = str(exc).strip()
             state["error"] = f"{type(exc).__name__}: {msg.splitlines()[-1] if msg else ''}"
             if flags != PORTABLE_FLAGS:
-                log.info("%s: the build with %s failed (%s); trying portable flags", label, " ".join(flags),
+                log.info("%s: the build with %s failed (%s); trying the next flags", label, " ".join(flags),
                          state["error"])
     return False

@@ -37,6 +37,17 @@ namespace {
 // less on one thread than waking the others)
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 65536 / (4 * H)); }
 
+// f(begin, end) over the rows [0, B): in parallel chunks of at least `grain` rows when there are two
+// chunks' worth and more than one thread, else called directly (inlined, no parallel-region set-up)
+template <typename F>
+inline void for_rows(int64_t B, int64_t grain, const F& f) {
+  if (B < 2 * grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    f(int64_t(0), B);
+    return;
+  }
+  at::parallel_for(0, B, grain, f);
+}
+
 template <typename scalar_t>
 inline scalar_t sigmoid(scalar_t v) {
   return scalar_t(1) / (scalar_t(1) + std::exp(-v));
@@ -46,7 +57,7 @@ inline scalar_t sigmoid(scalar_t v) {
 template <typename scalar_t>
 void forward_cell(scalar_t* a, const scalar_t* xp, const scalar_t* c_prev, scalar_t* c, scalar_t* tc, scalar_t* h,
                   int64_t B, int64_t H) {
-  at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
+  for_rows(B, row_grain(H), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* ar = a + r * 4 * H;
       const scalar_t* xr = xp + r * 4 * H;
@@ -76,7 +87,7 @@ void forward_cell(scalar_t* a, const scalar_t* xp, const scalar_t* c_prev, scala
 template <typename scalar_t>
 void backward_cell(const scalar_t* a, const scalar_t* c_prev, const scalar_t* tc, const scalar_t* dh_rec,
                    const scalar_t* g_y, scalar_t* dc, scalar_t* da, int64_t B, int64_t H) {
-  at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
+  for_rows(B, row_grain(H), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* ar = a + r * 4 * H;
       scalar_t* dar = da + r * 4 * H;
