@@ -172,6 +172,32 @@ def test_custom_backward_passes_gradcheck(kind):
     assert torch.autograd.gradcheck(fn, (x, w, c, y0, z0), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", backends())
+def test_the_dropout_mask_folded_into_the_scan_equals_masking_its_output(kind):
+    """The fast path writes ``m * y`` and reads ``m * grad``: outputs and every gradient equal the reference
+    loop followed by ``y * m`` (the state ``y_T`` stays unmasked), and the masked function passes gradcheck."""
+    x, w, c, y0, z0 = inputs(batch=3, time=9, hidden=4)
+    mask = torch.tensor([[2.0, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 2.0], [2.0, 2.0, 2.0, 0.0]], dtype=torch.float64)
+    results = []
+    for masked_scan in (True, False):
+        delta = 0.3 * torch.sigmoid(c)
+        if masked_scan:
+            out, yT, zT = fused_scan(x, w, delta, y0, z0, 2.0, kind, mask.unsqueeze(1))
+        else:
+            out, yT, zT = reference_scan(x, w, delta, y0, z0, 2.0)
+            out = out * mask.unsqueeze(1)
+        g = torch.Generator().manual_seed(3)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in (out, yT, zT))
+        results.append([out.detach(), yT.detach(), *torch.autograd.grad(loss, [x, w, c, y0, z0])])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+    def fn(x_, w_, c_, y0_, z0_):
+        return fused_scan(x_, w_, 0.4 * torch.sigmoid(c_), y0_, z0_, 5.0, kind, mask)
+
+    assert torch.autograd.gradcheck(fn, (x, w, c, y0, z0), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
 def test_loading_the_kernel_keeps_denormals():
     """-ffast-math is a compile flag only: the process must not switch to flush-to-zero."""
     load_cpp_extension(cache_dir=EXT_CACHE)

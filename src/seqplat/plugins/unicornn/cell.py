@@ -101,13 +101,14 @@ class UnICORNNCell(Cell):
         for layer, (y0, z0) in zip(self.layers, state, strict=True):
             pre = layer.linear(x)                                  # (U1), all t at once
             y0, z0 = y0.to(pre.dtype), z0.to(pre.dtype)
-            if fast:
-                x, yT, zT = fused_scan(pre, layer.w, layer.delta(), y0, z0, self.alpha, self.config.backend)
+            if fast:  # the kernel applies the dropout mask as it writes the outputs (one mask per layer)
+                mask = self.dropout_mask(pre)
+                x, yT, zT = fused_scan(pre, layer.w, layer.delta(), y0, z0, self.alpha, self.config.backend, mask)
             else:
                 x, yT, zT = reference_scan(pre, layer.w, layer.delta(), y0, z0, self.alpha)  # (U2)-(U3)
-            mask = self.dropout_mask(x)
-            if mask is not None:
-                x = x * mask                                       # dropout over time
+                mask = self.dropout_mask(x)
+                if mask is not None:
+                    x = x * mask                                   # dropout over time
             new_state.append((yT, zT))
         return x, tuple(new_state)
 

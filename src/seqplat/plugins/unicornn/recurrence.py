@@ -22,6 +22,10 @@ and its exact inverse (time reversal)::
 
 ``delta`` is an input of the function (the caller computes ``dt*sigmoid(c)``), so autograd chains
 ``grad_delta`` into ``grad_c``; ``dt`` and ``alpha`` are constants and get no gradient.
+
+The fast path also takes the layer's dropout mask ``m[b,h]`` (shared by all steps): it returns
+``m * y`` and reads ``m * grad`` as the gradient of ``y``, which saves the two passes over
+``[B, T, H]`` that ``y * m`` and its backward would cost. ``y_T`` is returned without the mask.
 """
 
 from __future__ import annotations
@@ -76,24 +80,30 @@ def reference_scan(x: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor,
 
 # -- the reverse-recompute algorithm in PyTorch (spec section 4) ---------------------------------
 
-def python_forward(x: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor,
-                   alpha: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward pass without a graph: the outputs and the final state only."""
+def python_forward(x: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor, alpha: float,
+                   mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward pass without a graph: the outputs (times ``mask[b,h]`` if given) and the final state only."""
     y, z = y0, z0
     out = torch.empty_like(x)
     for t, x_t in enumerate(x.unbind(1)):
         y, z = unicornn_step(x_t, y, z, w, delta, alpha)  # the same ops as the reference: same rounding
         out[:, t] = y
+    if mask is not None:
+        out.mul_(mask.unsqueeze(1))
     return out, y.clone(), z.clone()
 
 
 def python_backward(x: Tensor, w: Tensor, delta: Tensor, yT: Tensor, zT: Tensor, g_out: Tensor, g_yT: Tensor,
-                    g_zT: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    g_zT: Tensor, alpha: float,
+                    mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Reverse pass: rebuild ``(y_{t-1}, z_{t-1})`` from ``(y_t, z_t)`` and accumulate the adjoints.
 
     Returns ``(grad_x, grad_w, grad_delta, grad_y0, grad_z0)``. ``ybar``/``zbar`` are the adjoints of
-    the state after step ``t`` (everything downstream of it included).
+    the state after step ``t`` (everything downstream of it included). ``g_out`` is the gradient of
+    the (masked) output.
     """
+    if mask is not None:
+        g_out = g_out * mask.unsqueeze(1)
     T = x.shape[1]
     y, z = yT, zT
     ybar = g_yT + g_out[:, T - 1] if T > 0 else g_yT.clone()
@@ -161,45 +171,51 @@ def resolve_backend(backend: Backend, x: Tensor) -> Literal["cpp", "python"]:
 
 
 class ReverseRecomputeScan(torch.autograd.Function):
-    """Custom autograd for one UnICORNN layer; saves ``x, w, delta, y_T, z_T`` and no per-step state."""
+    """Custom autograd for one UnICORNN layer; saves ``x, w, delta, y_T, z_T`` (and the mask), no per-step state."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor, alpha: float,
-                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                backend: str, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         if backend == "cpp":
-            out, yT, zT = torch.ops.seqplat_unicornn.forward(x, w, delta, y0, z0, float(alpha))
+            out, yT, zT = torch.ops.seqplat_unicornn.forward(x, w, delta, y0, z0, float(alpha), mask)
         else:
-            out, yT, zT = python_forward(x, w, delta, y0, z0, alpha)
-        ctx.save_for_backward(x, w, delta, yT, zT)
+            out, yT, zT = python_forward(x, w, delta, y0, z0, alpha, mask)
+        ctx.save_for_backward(x, w, delta, yT, zT, mask)
         ctx.alpha = float(alpha)
         ctx.backend = backend
         return out, yT, zT
 
     @staticmethod
     def backward(ctx: Any, g_out: Tensor, g_yT: Tensor, g_zT: Tensor) -> tuple[Tensor | None, ...]:
-        x, w, delta, yT, zT = ctx.saved_tensors
+        x, w, delta, yT, zT, mask = ctx.saved_tensors
         if ctx.backend == "cpp":
             gx, gw, gd, gy0, gz0 = torch.ops.seqplat_unicornn.backward(
-                x, w, delta, yT, zT, g_out, g_yT, g_zT, ctx.alpha
+                x, w, delta, yT, zT, g_out, g_yT, g_zT, ctx.alpha, mask
             )
         else:
-            gx, gw, gd, gy0, gz0 = python_backward(x, w, delta, yT, zT, g_out, g_yT, g_zT, ctx.alpha)
+            gx, gw, gd, gy0, gz0 = python_backward(x, w, delta, yT, zT, g_out, g_yT, g_zT, ctx.alpha, mask)
         needs = ctx.needs_input_grad
         return (gx if needs[0] else None, gw if needs[1] else None, gd if needs[2] else None,
-                gy0 if needs[3] else None, gz0 if needs[4] else None, None, None)
+                gy0 if needs[3] else None, gz0 if needs[4] else None, None, None, None)
 
 
 def fused_scan(x: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor, alpha: float,
-               backend: Backend = "auto") -> tuple[Tensor, Tensor, Tensor]:
-    """One UnICORNN layer with the reverse-recompute backward: ``(y[b,t,h], y_T, z_T)``.
+               backend: Backend = "auto", mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One UnICORNN layer with the reverse-recompute backward: ``(y[b,t,h] * mask[b,h], y_T, z_T)``.
 
+    ``mask`` (no gradient) is a dropout mask shared by all steps, ``[b, h]`` or ``[b, 1, h]``.
     float16/bfloat16 inputs run the recurrence in float32 (the reconstruction is unusable in half
     precision, spec section 4) and the outputs are cast back.
     """
+    if mask is not None:
+        mask = mask.detach().reshape(x.shape[0], x.shape[2])
     low = x.dtype in (torch.float16, torch.bfloat16)
     if low:
         dtype = x.dtype
-        out, yT, zT = fused_scan(x.float(), w.float(), delta.float(), y0.float(), z0.float(), alpha, backend)
+        out, yT, zT = fused_scan(x.float(), w.float(), delta.float(), y0.float(), z0.float(), alpha, backend,
+                                 None if mask is None else mask.float())
         return out.to(dtype), yT.to(dtype), zT.to(dtype)
     chosen = resolve_backend(backend, x)
-    return ReverseRecomputeScan.apply(x, w, delta, y0, z0, float(alpha), chosen)
+    if mask is not None:
+        mask = mask.to(x.dtype).contiguous()
+    return ReverseRecomputeScan.apply(x, w, delta, y0, z0, float(alpha), chosen, mask)

@@ -9,6 +9,10 @@
 //     z_t = z_{t-1} - delta * (tanh(a_t) + alpha * y_{t-1})     (z first, with the old y)
 //     y_t = y_{t-1} + delta * z_t                               (then y, with the new z)
 //
+// With a dropout mask m [B, H] (one per (batch, unit), shared by all steps), the layer's output is
+// m * y_t: the forward pass writes it directly and the backward pass reads the gradient of y_t as
+// m * grad_out, so the mask costs no pass of its own over [B, T, H].
+//
 // The forward pass writes y_1..y_T and the final (y_T, z_T) and keeps nothing else. The backward
 // pass starts from (y_T, z_T), inverts the step to rebuild (y_{t-1}, z_{t-1}) from (y_t, z_t) and
 // x_t, and accumulates the adjoints on the way back, so the recurrence needs O(B*H) memory
@@ -29,13 +33,14 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 namespace {
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& delta, const at::Tensor& y0,
-                  const at::Tensor& z0) {
+                  const at::Tensor& z0, const std::optional<at::Tensor>& mask) {
   TORCH_CHECK(x.dim() == 3, "unicornn: x must be [batch, time, hidden], got ", x.sizes());
   const int64_t B = x.size(0), H = x.size(2);
   TORCH_CHECK(w.dim() == 1 && w.size(0) == H, "unicornn: w must be [", H, "], got ", w.sizes());
@@ -43,6 +48,11 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& de
   TORCH_CHECK(y0.dim() == 2 && y0.size(0) == B && y0.size(1) == H, "unicornn: y0 must be [", B, ", ", H, "]");
   TORCH_CHECK(z0.dim() == 2 && z0.size(0) == B && z0.size(1) == H, "unicornn: z0 must be [", B, ", ", H, "]");
   TORCH_CHECK(x.device().is_cpu(), "unicornn: the C++ kernel runs on CPU tensors only");
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == H, "unicornn: mask must be [", B, ", ",
+                H, "], got ", mask->sizes());
+    TORCH_CHECK(mask->scalar_type() == x.scalar_type(), "unicornn: the mask must share x's dtype");
+  }
   for (const auto* t : {&w, &delta, &y0, &z0}) {
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "unicornn: all inputs must share x's dtype");
   }
@@ -50,14 +60,15 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& de
 
 template <typename scalar_t>
 void forward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* delta, const scalar_t* y0,
-                  const scalar_t* z0, scalar_t* out, scalar_t* yT, scalar_t* zT, int64_t B, int64_t T, int64_t H,
-                  scalar_t alpha) {
+                  const scalar_t* z0, const scalar_t* mask, scalar_t* out, scalar_t* yT, scalar_t* zT, int64_t B,
+                  int64_t T, int64_t H, scalar_t alpha) {
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> y(H), z(H);
+    std::vector<scalar_t> y(H), z(H), m(H, scalar_t(1));
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t h = 0; h < H; ++h) {
         y[h] = y0[b * H + h];
         z[h] = z0[b * H + h];
+        if (mask != nullptr) m[h] = mask[b * H + h];
       }
       const scalar_t* xb = x + b * T * H;
       scalar_t* ob = out + b * T * H;
@@ -72,7 +83,7 @@ void forward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* delta, c
           const scalar_t y_new = y_old + delta[h] * z_new;                           // eq. (y update)
           z[h] = z_new;
           y[h] = y_new;
-          ot[h] = y_new;
+          ot[h] = y_new * m[h];  // the layer's output, dropout applied
         }
       }
       for (int64_t h = 0; h < H; ++h) {
@@ -86,18 +97,20 @@ void forward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* delta, c
 template <typename scalar_t>
 void backward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* delta, const scalar_t* yT,
                    const scalar_t* zT, const scalar_t* g_out, const scalar_t* g_yT, const scalar_t* g_zT,
-                   scalar_t* g_x, scalar_t* g_w_part, scalar_t* g_delta_part, scalar_t* g_y0, scalar_t* g_z0,
-                   int64_t B, int64_t T, int64_t H, scalar_t alpha) {
+                   const scalar_t* mask, scalar_t* g_x, scalar_t* g_w_part, scalar_t* g_delta_part, scalar_t* g_y0,
+                   scalar_t* g_z0, int64_t B, int64_t T, int64_t H, scalar_t alpha) {
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> y(H), z(H), ybar(H), zbar(H), gw(H), gd(H), zeros(H, scalar_t(0));
+    std::vector<scalar_t> y(H), z(H), ybar(H), zbar(H), gw(H), gd(H), zeros(H, scalar_t(0)), m(H, scalar_t(1));
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* xb = x + b * T * H;
       const scalar_t* gb = g_out + b * T * H;
       scalar_t* gxb = g_x + b * T * H;
       for (int64_t h = 0; h < H; ++h) {
+        if (mask != nullptr) m[h] = mask[b * H + h];
         y[h] = yT[b * H + h];
         z[h] = zT[b * H + h];
-        ybar[h] = g_yT[b * H + h] + (T > 0 ? gb[(T - 1) * H + h] : scalar_t(0));
+        // the gradient of y_t is m * grad_out[t] (the output is m * y_t)
+        ybar[h] = g_yT[b * H + h] + (T > 0 ? m[h] * gb[(T - 1) * H + h] : scalar_t(0));
         zbar[h] = g_zT[b * H + h];
         gw[h] = 0;
         gd[h] = 0;
@@ -123,7 +136,7 @@ void backward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* delta, 
           gxt[h] = ga;
           gw[h] += ga * y_prev;
           gd[h] -= zb * (th + alpha * y_prev);
-          ybar[h] = ybar[h] + ga * w[h] - zb * d * alpha + g_prev[h];
+          ybar[h] = ybar[h] + ga * w[h] - zb * d * alpha + m[h] * g_prev[h];
           zbar[h] = zb;
           y[h] = y_prev;
           z[h] = z_prev;
@@ -141,8 +154,11 @@ void backward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* delta, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unicornn_forward(const at::Tensor& x_in, const at::Tensor& w_in,
                                                                  const at::Tensor& delta_in, const at::Tensor& y0_in,
-                                                                 const at::Tensor& z0_in, double alpha) {
-  check_inputs(x_in, w_in, delta_in, y0_in, z0_in);
+                                                                 const at::Tensor& z0_in, double alpha,
+                                                                 const std::optional<at::Tensor>& mask_in) {
+  check_inputs(x_in, w_in, delta_in, y0_in, z0_in, mask_in);
+  const std::optional<at::Tensor> mask =
+      mask_in.has_value() ? std::optional<at::Tensor>(mask_in->contiguous()) : std::nullopt;
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), delta = delta_in.contiguous();
   const at::Tensor y0 = y0_in.contiguous(), z0 = z0_in.contiguous();
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2);
@@ -152,7 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unicornn_forward(const at::Tensor
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unicornn_forward", [&] {
     forward_impl<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                            delta.const_data_ptr<scalar_t>(), y0.const_data_ptr<scalar_t>(),
-                           z0.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                           z0.const_data_ptr<scalar_t>(), mask ? mask->const_data_ptr<scalar_t>() : nullptr,
+                           out.mutable_data_ptr<scalar_t>(),
                            yT.mutable_data_ptr<scalar_t>(), zT.mutable_data_ptr<scalar_t>(), B, T, H,
                            static_cast<scalar_t>(alpha));
   });
@@ -162,8 +179,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unicornn_forward(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unicornn_backward(
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& delta_in, const at::Tensor& yT_in,
     const at::Tensor& zT_in, const at::Tensor& g_out_in, const at::Tensor& g_yT_in, const at::Tensor& g_zT_in,
-    double alpha) {
-  check_inputs(x_in, w_in, delta_in, yT_in, zT_in);
+    double alpha, const std::optional<at::Tensor>& mask_in) {
+  check_inputs(x_in, w_in, delta_in, yT_in, zT_in, mask_in);
+  const std::optional<at::Tensor> mask =
+      mask_in.has_value() ? std::optional<at::Tensor>(mask_in->contiguous()) : std::nullopt;
   TORCH_CHECK(g_out_in.sizes() == x_in.sizes(), "unicornn: grad_out must have x's shape");
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), delta = delta_in.contiguous();
   const at::Tensor yT = yT_in.contiguous(), zT = zT_in.contiguous();
@@ -181,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unicornn_
                             delta.const_data_ptr<scalar_t>(), yT.const_data_ptr<scalar_t>(),
                             zT.const_data_ptr<scalar_t>(), g_out.const_data_ptr<scalar_t>(),
                             g_yT.const_data_ptr<scalar_t>(), g_zT.const_data_ptr<scalar_t>(),
-                            g_x.mutable_data_ptr<scalar_t>(), g_w_part.mutable_data_ptr<scalar_t>(),
+                            mask ? mask->const_data_ptr<scalar_t>() : nullptr, g_x.mutable_data_ptr<scalar_t>(), g_w_part.mutable_data_ptr<scalar_t>(),
                             g_delta_part.mutable_data_ptr<scalar_t>(), g_y0.mutable_data_ptr<scalar_t>(),
                             g_z0.mutable_data_ptr<scalar_t>(), B, T, H, static_cast<scalar_t>(alpha));
   });
@@ -191,10 +210,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unicornn_
 }  // namespace
 
 TORCH_LIBRARY(seqplat_unicornn, m) {
-  m.def("forward(Tensor x, Tensor w, Tensor delta, Tensor y0, Tensor z0, float alpha) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "forward(Tensor x, Tensor w, Tensor delta, Tensor y0, Tensor z0, float alpha, Tensor? mask=None) -> "
+      "(Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor x, Tensor w, Tensor delta, Tensor yT, Tensor zT, Tensor grad_out, Tensor grad_yT, "
-      "Tensor grad_zT, float alpha) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor grad_zT, float alpha, Tensor? mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(seqplat_unicornn, CPU, m) {
