@@ -28,6 +28,7 @@ from seqplat import (
 )
 from seqplat.core.model import build_task
 from seqplat.core.train import train
+from seqplat.plugins.phased_lstm import scan
 from seqplat.plugins.phased_lstm.cell import PhasedLSTMCell, mean_openness_uniform, time_gate
 from seqplat.plugins.phased_lstm.freq import FreqDiscriminationTask
 from seqplat.plugins.phased_lstm.nmnist import NUM_ADDRESSES, decode_events, encode_events, read_archive
@@ -136,9 +137,18 @@ def test_gradcheck_in_training_mode_reaches_time_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
+def needs_kernel():
+    if not scan.load_cpp_extension():
+        pytest.skip(f"C++ kernel unavailable: {scan.cpp_error()}")
+
+
+@pytest.mark.parametrize("backend", ["python", "cpp"])
 @pytest.mark.parametrize("clip", [None, 1e-3], ids=["no_clip", "gate_clip"])
-def test_fast_path_matches_reference_in_training_mode(clip):
-    cell = plstm(r_on_init=0.4, log_period_init=[0.0, 1.5], learn_r_on=True, gate_grad_clip=clip).train()
+def test_fast_path_matches_reference_in_training_mode(clip, backend):
+    if backend == "cpp":
+        needs_kernel()
+    cell = plstm(r_on_init=0.4, log_period_init=[0.0, 1.5], learn_r_on=True, gate_grad_clip=clip,
+                 backend=backend).train()
     x = torch.randn(3, 9, 3, dtype=torch.float64)
     times = torch.cumsum(torch.rand(3, 9, dtype=torch.float64), 1)
     times[0, :3] = float("nan")  # left padding of one row
@@ -160,6 +170,79 @@ def test_gate_gradient_clip_changes_the_backward_only():
     y2, gx2, _ = outputs_and_grads(clipped, x, times, fast=True)
     assert torch.equal(y1, y2)
     assert gx2.abs().max() < gx1.abs().max()
+
+
+# -- the C++ backend -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("peephole", [True, False])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_cpp_scan_equals_the_python_scan_and_passes_gradcheck(peephole, clip):
+    """The kernel's loops give the python loops' outputs and every gradient (float64, with clipping)."""
+    needs_kernel()
+    g = torch.Generator().manual_seed(0)
+    n, b, h = 7, 3, 5
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_()
+
+    args = [rand(n, b, 4 * h), torch.rand(n, b, h, generator=g, dtype=torch.float64).requires_grad_(), rand(b, h),
+            rand(b, h), rand(h, 4 * h, scale=0.3), rand(3, h) if peephole else None]
+    inputs = [a for a in args if a is not None]
+    results = []
+    for fn in (scan.PhasedLSTMScan, scan.PhasedLSTMScanCpp):
+        y, c = fn.apply(*args, clip)
+        w = torch.Generator().manual_seed(1)
+        loss = (y * torch.randn(y.shape, generator=w, dtype=y.dtype)).sum() + (c * c).sum()
+        results.append([y.detach(), c.detach(), *torch.autograd.grad(loss, inputs)])
+    for a, b_ in zip(*results, strict=True):
+        torch.testing.assert_close(a, b_, atol=1e-13, rtol=1e-11)
+    if clip is None:  # clipping makes the backward differ from the forward's derivative on purpose
+        assert torch.autograd.gradcheck(lambda *a: scan.PhasedLSTMScanCpp.apply(*a, None), tuple(args))
+
+
+def test_cpp_time_gate_equals_the_formula_with_padding_and_passes_gradcheck():
+    """One C++ pass gives (T1)-(T2) with NaN timestamps as 0 (no gradient), in float64 or written as float32."""
+    needs_kernel()
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(6, 3, generator=g, dtype=torch.float64) * 1000
+    t[1, 2] = t[4, 0] = float("nan")
+    period = (torch.rand(7, generator=g, dtype=torch.float64) * 20 + 1).requires_grad_()
+    shift = (torch.rand(7, generator=g, dtype=torch.float64) * 20).requires_grad_()
+    r_on = (torch.rand(7, generator=g, dtype=torch.float64) * 0.5 + 0.05).requires_grad_()
+    valid = ~torch.isnan(t)
+    gk = torch.randn(6, 3, 7, generator=g, dtype=torch.float64)
+    ref = torch.where(valid.unsqueeze(-1), time_gate(torch.where(valid, t, 0.0).unsqueeze(-1), period, shift, r_on,
+                                                     1e-3), 0.0)
+    got = scan.time_gate_cpp(t, period, shift, r_on, 1e-3, torch.float64)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    assert got[1, 2].abs().sum() == 0 and got[4, 0].abs().sum() == 0
+    for a, b in zip(torch.autograd.grad((got * gk).sum(), [period, shift, r_on]),
+                    torch.autograd.grad((ref * gk).sum(), [period, shift, r_on]), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    low = scan.time_gate_cpp(t, period, shift, r_on, 1e-3, torch.float32)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ref.detach().float())
+    assert torch.autograd.gradcheck(lambda p, s, r: scan.time_gate_cpp(t, p, s, r, 1e-3, torch.float64),
+                                    (period, shift, r_on))
+
+
+def test_backend_resolution_and_fallback(monkeypatch):
+    x = torch.randn(2, 3, 4)
+    monkeypatch.setattr(scan, "_EXT", {"loaded": False, "error": "simulated: no compiler"})
+    assert scan.resolve_backend("auto", x) == "python"
+    with pytest.raises(seqplat.SeqplatError, match=r"phased_lstm: the C\+\+ kernel cannot be built \(simulated: no "
+                       r"compiler\); cell.backend='cpp' needs it"):
+        scan.resolve_backend("cpp", x)
+    with pytest.raises(ValueError, match="float32/float64 CPU tensors"):
+        scan.resolve_backend("cpp", x.half())
+    cell = plstm(double=False)
+    y, _ = cell(torch.randn(2, 4, 3), times=torch.arange(4.0).expand(2, 4))  # auto -> python: still the fast path
+    nodes, seen = [y.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        seen.add(type(node).__name__)
+        nodes.extend(n for n, _ in node.next_functions if n is not None)
+    assert "PhasedLSTMScanBackward" in seen and "PhasedLSTMScanCppBackward" not in seen
 
 
 # -- the time gate -------------------------------------------------------------------------------

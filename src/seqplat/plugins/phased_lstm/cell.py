@@ -25,7 +25,8 @@ timestamp is NaN is padding: ``k_j = 0`` there, so both states are copied unchan
 
 The gate ``k`` depends on time only, never on the state, so the fast path computes ``k`` for all
 steps in one broadcast, hoists the input projection ``x W_x + b`` out of the time loop and runs the
-loop with a hand-written backward (``scan.py``); the reference path is the per-step ``step``.
+loop with a hand-written backward (``scan.py``, in C++ where a compiler is present:
+``phased_lstm_cpu.cpp``); the reference path is the per-step ``step``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from seqplat import CellConfig, StepCell
 from seqplat.core.cell import State
 
-from .scan import phased_lstm_scan
+from .scan import phased_lstm_scan, resolve_backend, time_gate_cpp
 
 
 class PhasedLSTMConfig(CellConfig):
@@ -78,6 +79,10 @@ class PhasedLSTMConfig(CellConfig):
     )
     phase_float64: bool = Field(
         True, description="compute the phase in float64 (large timestamps lose precision in float32)"
+    )
+    backend: Literal["auto", "cpp", "python"] = Field(
+        "auto", description="the fast path's time loop: 'cpp' (C++ kernel built at first use), 'python' "
+        "(torch ops, any device), 'auto' (cpp on CPU when a compiler is present)"
     )
 
     @model_validator(mode="after")
@@ -180,6 +185,16 @@ class PhasedLSTMCell(StepCell):
             k = torch.ones_like(k)
         return torch.where(valid.unsqueeze(-1), k, torch.zeros_like(k))
 
+    def _fast_openness(self, t: Tensor, x: Tensor) -> Tensor:
+        """:meth:`openness` in one C++ pass (forward and backward) where the kernel runs and the phase is
+        float64; otherwise :meth:`openness` itself."""
+        cfg = self.config
+        float64_phase = cfg.phase_float64 or t.dtype == torch.float64
+        if not cfg.time_gate or not float64_phase or resolve_backend(cfg.backend, x) != "cpp":
+            return self.openness(t)
+        period, shift, r_on = self.gate_parameters()
+        return time_gate_cpp(t, period, shift, r_on, self.alpha, torch.promote_types(t.dtype, period.dtype))
+
     # -- state ------------------------------------------------------------------------------------
     def initial_state(self, batch_size: int, device: torch.device | None = None,
                       dtype: torch.dtype | None = None) -> State:
@@ -249,11 +264,11 @@ class PhasedLSTMCell(StepCell):
         elif times is None:
             raise ValueError("phased_lstm needs per-step timestamps (or time_source='step_index')")
         times_tb = times.t()
-        ks = self.openness(times_tb).to(x.dtype)  # (T1)-(T2), time-major [t,b,h] as the scan reads it
+        ks = self._fast_openness(times_tb, x).to(x.dtype)  # (T1)-(T2), time-major [t,b,h] as the scan reads it
         self._record(ks, times_tb)
         xp = torch.addmm(self.bias, x.transpose(0, 1).reshape(n * b, -1), self.weight_ih)  # [t*b, 4h]
         y, c = phased_lstm_scan(xp.reshape(n, b, -1), ks, h, c, self.weight_hh,
-                                self.peephole, self.config.gate_grad_clip)
+                                self.peephole, self.config.gate_grad_clip, self.config.backend)
         y = y.transpose(0, 1)
         h = y[:, -1]
         if counting:

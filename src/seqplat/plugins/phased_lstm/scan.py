@@ -13,15 +13,90 @@ autograd, which carries them on to ``W_x``, ``b``, ``tau``, ``s`` and ``r_on``.
 ``clip`` reproduces Lasagne's ``grad_clipping``: the gradient reaching ``z`` (after the peephole
 terms took theirs) is clamped to ``[-clip, clip]`` before it flows to ``h_{j-1}``, ``W_h`` and ``xp``.
 Shapes are time-major inside: ``xp [t,b,4h]``, ``k [t,b,h]``.
+
+Two backends run the same algorithm: ``cpp`` (``phased_lstm_cpu.cpp``: per step one GEMM and one
+fused elementwise pass, forward and backward; built at first use and cached by
+:mod:`seqplat.core.cpp_ext`) and ``python`` (the loops below: about ten torch ops per step, any device
+and dtype, and the fallback when no compiler is present). ``backend="auto"`` takes ``cpp`` for
+float32/float64 CPU tensors when it builds.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from seqplat.core.cpp_ext import load_kernel
+
+CPP_SOURCE = Path(__file__).with_name("phased_lstm_cpu.cpp")
+Backend = Literal["auto", "cpp", "python"]
+_EXT: dict[str, Any] = {"loaded": False, "error": None}
+
+
+def load_cpp_extension(strict: bool = False, cache_dir: Path | None = None) -> bool:
+    """Compile (first use only, 20-60 s) and load the C++ loop; True when it is usable (see :func:`load_kernel`)."""
+    return load_kernel(_EXT, CPP_SOURCE, "seqplat_phased_lstm_cpu", "phased_lstm", cache_dir, strict=strict,
+                       fallback="using the PyTorch loop",
+                       fix="cell.backend='cpp' needs it: install a C++ compiler and ninja, or set "
+                       "cell.backend=auto or python")
+
+
+def cpp_error() -> str | None:
+    """Why the C++ loop is unavailable (None if it loaded or was never tried)."""
+    return _EXT["error"]
+
+
+def resolve_backend(backend: Backend, x: Tensor) -> Literal["cpp", "python"]:
+    """``cpp`` for float32/float64 CPU tensors when the kernel builds (``auto``), else ``python``."""
+    cpp_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if backend == "python":
+        return "python"
+    if backend == "cpp":
+        if not cpp_ok:
+            raise ValueError(f"phased_lstm: backend 'cpp' runs float32/float64 CPU tensors, got {x.dtype} on "
+                             f"{x.device}; use backend 'auto' or 'python'")
+        load_cpp_extension(strict=True)
+        return "cpp"
+    return "cpp" if cpp_ok and load_cpp_extension() else "python"
+
+
+class PhasedLSTMScanCpp(torch.autograd.Function):
+    """The same function as :class:`PhasedLSTMScan`, with the loops in ``phased_lstm_cpu.cpp``."""
+
+    @staticmethod
+    def forward(ctx: Any, xp: Tensor, k: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
+                peephole: Tensor | None, clip: float | None) -> tuple[Tensor, Tensor]:
+        hid = h0.shape[1]
+        peep = peephole if peephole is not None else xp.new_zeros(3, hid)
+        acts, hs, cs, ct, tc = torch.ops.seqplat_phased_lstm.forward(xp, k, h0, c0, w_hh.contiguous(), peep)
+        ctx.save_for_backward(k, w_hh, peep, acts, hs, cs, ct, tc)
+        ctx.clip = clip
+        ctx.has_peephole = peephole is not None
+        return hs[1:], cs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gy: Tensor, gc: Tensor) -> tuple[Tensor | None, ...]:
+        k, w_hh, peep, acts, hs, cs, ct, tc = ctx.saved_tensors
+        n, b, hid = ct.shape
+        clip = -1.0 if ctx.clip is None else float(ctx.clip)
+        dz, dzc, dk, dh0, dc0 = torch.ops.seqplat_phased_lstm.backward(acts, hs, cs, ct, tc, k, w_hh, peep, gy, gc,
+                                                                       clip)
+        # (L1): dW_h = sum_j h_{j-1}^T dz_j, one GEMM over all steps (clipped dz, as it reaches W_h)
+        d_w_hh = hs[:-1].reshape(n * b, hid).t() @ dzc.view(n * b, 4 * hid)
+        d_peep = None
+        if ctx.has_peephole and ctx.needs_input_grad[5]:
+            c_prev = cs[:-1]
+            d_peep = torch.stack([
+                (dz[..., :hid] * c_prev).sum((0, 1)),
+                (dz[..., hid : 2 * hid] * c_prev).sum((0, 1)),
+                (dz[..., 3 * hid :] * ct).sum((0, 1)),
+            ])
+        return dzc, dk, dh0, dc0, d_w_hh, d_peep, None
 
 
 class PhasedLSTMScan(torch.autograd.Function):
@@ -129,8 +204,46 @@ class PhasedLSTMScan(torch.autograd.Function):
         return dz_clipped, dk, dh, dc, d_w_hh, d_peep, None
 
 
+class TimeGateCpp(torch.autograd.Function):
+    """Openness ``k [..., h]`` (T1)-(T2) of float64 timestamps ``t [...]`` in one C++ pass, and its backward.
+
+    The same values as :func:`~.cell.time_gate` in float64, written in ``dtype``; rows where ``valid``
+    is 0 (NaN timestamps, passed as 0) give 0, as ``openness`` does. The backward returns the gradients
+    of ``period``, ``shift`` and ``r_on`` (autograd carries them on through ``gate_parameters``' abs,
+    clamp and sign).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, valid: Tensor, period: Tensor, shift: Tensor, r_on: Tensor, alpha: float,
+                dtype: torch.dtype) -> Tensor:
+        p, s, r = (v.detach().double().contiguous() for v in (period, shift, r_on))
+        ctx.save_for_backward(t, valid, p, s, r)
+        ctx.alpha = float(alpha)
+        ctx.dtypes = (period.dtype, shift.dtype, r_on.dtype)
+        return torch.ops.seqplat_phased_lstm.time_gate(t, valid, p, s, r, float(alpha), dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        t, valid, p, s, r = ctx.saved_tensors
+        grads = torch.ops.seqplat_phased_lstm.time_gate_backward(g, t, valid, p, s, r, ctx.alpha).unbind(0)
+        needs = ctx.needs_input_grad[2:5]
+        return (None, None, *(d.to(dt) if need else None for d, dt, need in zip(grads, ctx.dtypes, needs, strict=True)),
+                None, None)
+
+
+def time_gate_cpp(t: Tensor, period: Tensor, shift: Tensor, r_on: Tensor, alpha: float,
+                  dtype: torch.dtype) -> Tensor:
+    """:class:`TimeGateCpp` on timestamps of any float dtype (the phase is computed in float64; NaN: padding)."""
+    t = t.double()
+    valid = ~torch.isnan(t)
+    return TimeGateCpp.apply(torch.where(valid, t, 0.0).contiguous(), valid.double().contiguous(), period, shift,
+                             r_on, alpha, dtype)
+
+
 def phased_lstm_scan(xp: Tensor, k: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
-                     peephole: Tensor | None, clip: float | None) -> tuple[Tensor, Tensor]:
+                     peephole: Tensor | None, clip: float | None,
+                     backend: Backend = "auto") -> tuple[Tensor, Tensor]:
     """Run the loop on time-major ``xp [t,b,4h]`` and ``k [t,b,h]``; returns ``y [t,b,h]`` and ``c_T``."""
-    return PhasedLSTMScan.apply(xp.contiguous(), k.contiguous(), h0.contiguous(), c0.contiguous(),
-                                w_hh, peephole, clip)
+    scan = PhasedLSTMScanCpp if resolve_backend(backend, xp) == "cpp" else PhasedLSTMScan
+    return scan.apply(xp.contiguous(), k.contiguous(), h0.contiguous(), c0.contiguous(), w_hh, peephole, clip)
