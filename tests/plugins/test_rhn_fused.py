@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+import seqplat
 from seqplat import build_cell
-from seqplat.plugins.rhn.fused import RHNRecurrence, rhn_loop
+from seqplat.plugins.rhn import fused
+from seqplat.plugins.rhn.fused import RHNRecurrence, rhn_loop, rhn_loop_cpp
 
 DROPOUTS = {
     "none": {},
@@ -21,6 +23,14 @@ DROPOUTS = {
     "all": {"input_dropout": 0.3, "hidden_dropout": 0.3, "output_dropout": 0.3, "gate_dropout": 0.3},
     "gate": {"gate_dropout": 0.35},
 }
+
+
+BACKENDS = ["python", "cpp"]
+
+
+def needs_kernel(backend: str) -> None:
+    if backend == "cpp" and not fused.load_cpp_extension():
+        pytest.skip(f"C++ kernel unavailable: {fused.cpp_error()}")
 
 
 def rhn(depth: int, input_bias: bool, **opts) -> nn.Module:
@@ -57,12 +67,14 @@ def assert_same(a, b, atol=1e-5, rtol=1e-4):
     torch.testing.assert_close(gsa, gsb, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dropout", list(DROPOUTS), ids=list(DROPOUTS))
 @pytest.mark.parametrize("input_bias", [False, True], ids=["no_in_bias", "in_bias"])
 @pytest.mark.parametrize("depth", [1, 3])
-def test_explicit_backward_matches_reference_path(depth, input_bias, dropout):
-    """Training mode, the same seed: identical masks, so outputs and every gradient agree."""
-    cell = rhn(depth, input_bias, **DROPOUTS[dropout]).train()
+def test_explicit_backward_matches_reference_path(depth, input_bias, dropout, backend):
+    """Training mode, the same seed: identical masks, so outputs and every gradient agree (both loops)."""
+    needs_kernel(backend)
+    cell = rhn(depth, input_bias, backend=backend, **DROPOUTS[dropout]).train()
     x, s0 = torch.randn(4, 6, 3), torch.randn(4, 5)
     ref = run(cell, x, s0, fast=False)
     fast = run(cell, x, s0, fast=True)
@@ -151,9 +163,11 @@ def _gradcheck_inputs(depth: int, seed: int, steps: int = 3, b: int = 2, n: int 
     return xp, s0, w, bias
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("masks", ["none", "hidden", "gate", "both"])
 @pytest.mark.parametrize("depth", [1, 3])
-def test_recurrence_gradcheck_float64(depth, masks):
+def test_recurrence_gradcheck_float64(depth, masks, backend):
+    needs_kernel(backend)
     steps, b, n = 3, 2, 3
     dt = torch.float64
     xp, s0, w, bias = _gradcheck_inputs(depth, seed=0)
@@ -162,7 +176,7 @@ def test_recurrence_gradcheck_float64(depth, masks):
               if masks in ("gate", "both") else None)
 
     def fn(xp_, s0_, w_, b_):
-        return RHNRecurrence.apply(xp_, s0_, w_, b_, mask_h, mask_g)
+        return RHNRecurrence.apply(xp_, s0_, w_, b_, mask_h, mask_g, None, None, False, backend)
 
     assert torch.autograd.gradcheck(fn, (xp, s0, w, bias), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -179,6 +193,41 @@ def test_inference_loop_equals_training_loop():
         torch.testing.assert_close(ys_a, ys_b, rtol=0, atol=0)
         torch.testing.assert_close(s_a, s_b, rtol=0, atol=0)
         torch.testing.assert_close(ys_a[-1], s_a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_cpp_loop_equals_the_python_loop(gate):
+    """Inference (one step's buffers) and training (every step's) give the python loop's states, and the
+    kept s_in (the masked state entering each micro-layer) is the same buffer content."""
+    needs_kernel("cpp")
+    torch.manual_seed(0)
+    xp, s0 = torch.randn(5, 2, 6, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    w, bias = torch.randn(3, 6, 3, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    mask_h = torch.bernoulli(torch.full((2, 3), 0.5, dtype=torch.float64)) * 2
+    mask_g = torch.bernoulli(torch.full((5, 3, 2, 3), 0.5, dtype=torch.float64)) * 2 if gate else None
+    for mh in (None, mask_h):
+        ys, s, saved = rhn_loop(xp, s0, w, bias, mh, mask_g, keep=True)
+        for keep in (True, False):
+            ys_c, s_c, saved_c = rhn_loop_cpp(xp, s0, w, bias, mh, mask_g, keep=keep)
+            torch.testing.assert_close(ys_c, ys, atol=1e-12, rtol=0)
+            torch.testing.assert_close(s_c, s, atol=1e-12, rtol=0)
+            if keep:
+                torch.testing.assert_close(saved_c[0], saved[0], atol=1e-12, rtol=0)
+            else:
+                assert saved_c is None
+
+
+def test_backend_resolution_and_fallback(monkeypatch):
+    x = torch.randn(2, 3, 4)
+    monkeypatch.setattr(fused, "_EXT", {"loaded": False, "error": "simulated: no compiler"})
+    assert fused.resolve_backend("auto", x) == "python"
+    with pytest.raises(seqplat.SeqplatError, match=r"rhn: the C\+\+ kernel cannot be built \(simulated: no "
+                       r"compiler\); cell.backend='cpp' needs it"):
+        fused.resolve_backend("cpp", x)
+    with pytest.raises(ValueError, match="float32/float64 CPU tensors"):
+        fused.resolve_backend("cpp", x.half())
+    y, s = rhn(2, False).train()(torch.randn(2, 4, 3))  # auto -> the python loop, same Function
+    assert y.requires_grad and s.shape == (2, 5)
 
 
 def test_workspace_buffers_are_reused_and_freed_in_eval():
@@ -232,9 +281,10 @@ def test_two_graphs_alive_and_retain_graph():
     y_other.sum().backward()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["scales", "scales_gate", "all_layers", "all_layers_gate"])
 @pytest.mark.parametrize("depth", [1, 3])
-def test_recurrence_gradcheck_float64_hyper_variants(depth, variant):
+def test_recurrence_gradcheck_float64_hyper_variants(depth, variant, backend):
     """The two uses by ``hyper_rhn``: scaled recurrent products (eq. H3) and every layer's output (eq. H2)."""
     steps, b, n = 3, 2, 3
     dt = torch.float64
@@ -243,8 +293,11 @@ def test_recurrence_gradcheck_float64_hyper_variants(depth, variant):
     mask_g = torch.bernoulli(torch.full((steps, depth, b, n), 0.6, dtype=dt)) / 0.6 if "gate" in variant else None
     inputs = (xp, s0, w, bias, z) if variant.startswith("scales") else (xp, s0, w, bias)
 
+    needs_kernel(backend)  # with scales the Function keeps the python loop whatever the backend
+
     def fn(xp_, s0_, w_, b_, z_=None):
-        return RHNRecurrence.apply(xp_, s0_, w_, b_, None, mask_g, None, z_, variant.startswith("all_layers"))
+        return RHNRecurrence.apply(xp_, s0_, w_, b_, None, mask_g, None, z_, variant.startswith("all_layers"),
+                                   backend)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 

@@ -52,7 +52,7 @@ from .common import (
     set_transform_bias_,
     step_dropout_masks,
 )
-from .fused import RHNRecurrence, rhn_loop
+from .fused import RHNRecurrence, resolve_backend, rhn_loop, rhn_loop_cpp
 
 
 class RHNConfig(CellConfig):
@@ -92,6 +92,10 @@ class RHNConfig(CellConfig):
         0.0, ge=0.0, lt=1.0,
         description="ordinary dropout on the transform gate t after c = 1 - t, fresh each step and "
         "micro-layer (Suarez's code: 0.35)",
+    )
+    backend: Literal["auto", "cpp", "python"] = Field(
+        "auto", description="the fast path's time loop: 'cpp' (C++ kernel built at first use), 'python' "
+        "(torch ops, any device), 'auto' (cpp on CPU when a compiler is present)"
     )
 
     @field_validator("transform_bias", mode="before")
@@ -238,10 +242,13 @@ class RHNCell(StepCell):
         xp = F.linear(x_in.transpose(0, 1), w_ih, b_ih)  # [t, b, 2n]: (W_H x_t ; W_T x_t) (+ b_in), all steps
         mask_g = self._gate_masks(xp.shape[0], x.shape[0], x)
         needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in (xp, state, w_hh, b_hh))
+        backend = resolve_backend(self.config.backend, xp)
         if not needs_grad:
-            ys, s, _ = rhn_loop(xp, state, w_hh, b_hh, masks.hidden, mask_g, keep=False)
+            loop = rhn_loop_cpp if backend == "cpp" else rhn_loop
+            ys, s, _ = loop(xp, state, w_hh, b_hh, masks.hidden, mask_g, keep=False)
         elif self.explicit_backward:
-            ys, s = RHNRecurrence.apply(xp, state, w_hh, b_hh, masks.hidden, mask_g, self._workspace)
+            ys, s = RHNRecurrence.apply(xp, state, w_hh, b_hh, masks.hidden, mask_g, self._workspace, None, False,
+                                        backend)
         else:
             ys, s = self._autograd_loop(xp, state, w_hh, b_hh, masks.hidden, mask_g)
         y = ys.transpose(0, 1)  # [b, t, n]

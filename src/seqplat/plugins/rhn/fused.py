@@ -25,13 +25,73 @@ reference paths on outputs and on every gradient, and ``gradcheck`` the Function
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seqplat.core.cpp_ext import load_kernel
 from seqplat.core.workspace import Workspace
+
+CPP_SOURCE = Path(__file__).with_name("rhn_cpu.cpp")
+Backend = Literal["auto", "cpp", "python"]
+_EXT: dict[str, Any] = {"loaded": False, "error": None}
+
+
+def load_cpp_extension(strict: bool = False, cache_dir: Path | None = None) -> bool:
+    """Compile (first use only, 20-60 s) and load ``rhn_cpu.cpp``; True when it is usable (see :func:`load_kernel`)."""
+    return load_kernel(_EXT, CPP_SOURCE, "seqplat_rhn_cpu", "rhn", cache_dir, strict=strict,
+                       fallback="using the PyTorch loop",
+                       fix="cell.backend='cpp' needs it: install a C++ compiler and ninja, or set "
+                       "cell.backend=auto or python")
+
+
+def cpp_error() -> str | None:
+    """Why the C++ loop is unavailable (None if it loaded or was never tried)."""
+    return _EXT["error"]
+
+
+def resolve_backend(backend: Backend, x: Tensor) -> Literal["cpp", "python"]:
+    """``cpp`` for float32/float64 CPU tensors when the kernel builds (``auto``), else ``python``."""
+    cpp_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if backend == "python":
+        return "python"
+    if backend == "cpp":
+        if not cpp_ok:
+            raise ValueError(f"rhn: backend 'cpp' runs float32/float64 CPU tensors, got {x.dtype} on {x.device}; "
+                             "use backend 'auto' or 'python'")
+        load_cpp_extension(strict=True)
+        return "cpp"
+    return "cpp" if cpp_ok and load_cpp_extension() else "python"
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def rhn_loop_cpp(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h: Tensor | None,
+                 mask_g: Tensor | None, keep: bool,
+                 workspace: Workspace | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
+    """:func:`rhn_loop` (without ``scales``) in ``rhn_cpu.cpp``: one GEMM and one fused pass per micro-layer.
+
+    The kept buffers are ``s_in [L, T, b, n]`` (as in :func:`rhn_loop`), ``a [L, T, b, 2n]`` holding
+    ``[h | t]`` (not ``sigmoid(2 u_H)``: the C++ loop calls tanh) and ``e [L, T, b, n]``; only
+    :class:`RHNRecurrence`'s C++ backward reads them.
+    """
+    steps, b = xp.shape[0], xp.shape[1]
+    depth, n = weight_hh.shape[0], weight_hh.shape[2]
+    k_steps = steps if keep else 1
+    shapes = ((depth, k_steps, b, n), (depth, k_steps, b, 2 * n), (depth, k_steps, b, n))
+    if keep and workspace is not None:
+        bufs = workspace.take(shapes, xp)
+    else:
+        bufs = tuple(xp.new_empty(shape) for shape in shapes)
+    ys = xp.new_empty(steps, b, n)
+    s = torch.ops.seqplat_rhn.forward(xp.contiguous(), s0.contiguous(), weight_hh.contiguous(), bias_hh.contiguous(),
+                                      _contiguous(mask_h), _contiguous(mask_g), *bufs, ys)
+    return ys, s, (bufs if keep else None)
 
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # grad * y * (1 - y), into grad_input
 
@@ -144,10 +204,14 @@ class RHNRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h: Tensor | None,
                 mask_g: Tensor | None, workspace: Workspace | None = None, scales: Tensor | None = None,
-                all_layers: bool = False) -> tuple[Tensor, Tensor]:
+                all_layers: bool = False, backend: str = "python") -> tuple[Tensor, Tensor]:
         if all_layers and mask_h is not None:
             raise ValueError("all_layers needs mask_h=None (the kept states are the layer outputs)")
-        ys, s, saved = rhn_loop(xp, s0, weight_hh, bias_hh, mask_h, mask_g, True, workspace, scales)
+        ctx.cpp = backend == "cpp" and scales is None  # the C++ loop has no H3 scales: hyper_rhn's main RHN
+        if ctx.cpp:
+            ys, s, saved = rhn_loop_cpp(xp, s0, weight_hh, bias_hh, mask_h, mask_g, True, workspace)
+        else:
+            ys, s, saved = rhn_loop(xp, s0, weight_hh, bias_hh, mask_h, mask_g, True, workspace, scales)
         ctx.buffers = saved  # not save_for_backward: the buffers are ours, nobody else writes them
         ctx.masks = (mask_h, mask_g)
         ctx.workspace, ctx.ticket, ctx.all_layers = workspace, None, all_layers
@@ -169,6 +233,8 @@ class RHNRecurrence(torch.autograd.Function):
         s_in_buf, a_buf, e_buf = ctx.buffers[:3]
         mask_h, mask_g = ctx.masks
         depth, steps, b, n = e_buf.shape
+        if ctx.cpp:
+            return RHNRecurrence._cpp_backward(ctx, dys, ds_out, weight_hh)
 
         def scratch(shape: tuple[int, ...]) -> Tensor:
             return workspace.take((shape,), e_buf)[0] if workspace is not None else e_buf.new_empty(shape)
@@ -237,4 +303,29 @@ class RHNRecurrence(torch.autograd.Function):
                 workspace.give((drs,))
             ctx.ticket = workspace.give(ctx.buffers)
         # u^1_t = xp_t + b^1 + ...: dL/dxp = du^1
-        return du[0], ds, d_weight, d_bias, None, None, None, d_scales, None
+        return du[0], ds, d_weight, d_bias, None, None, None, d_scales, None, None
+
+    @staticmethod
+    def _cpp_backward(ctx: Any, dys: Tensor | None, ds_out: Tensor | None,
+                      weight_hh: Tensor) -> tuple[Tensor | None, ...]:
+        """The reverse loop in ``rhn_cpu.cpp``; the weight gradients as in the python backward."""
+        workspace: Workspace | None = ctx.workspace
+        s_in_buf, a_buf, e_buf = ctx.buffers
+        mask_h, mask_g = ctx.masks
+        depth, steps, b, n = e_buf.shape
+        shape = (depth, steps, b, 2 * n)
+        du = workspace.take((shape,), e_buf)[0] if workspace is not None else e_buf.new_empty(shape)
+        if dys is None:
+            dys = e_buf.new_zeros((depth, steps, b, n) if ctx.all_layers else (steps, b, n))
+        ds_T = e_buf.new_zeros(b, n) if ds_out is None else ds_out
+        ds = torch.ops.seqplat_rhn.backward(weight_hh.contiguous(), _contiguous(mask_h), _contiguous(mask_g), a_buf,
+                                            e_buf, dys, ds_T, du)
+        # weight gradients: one GEMM per micro-layer over all steps (u = s_in R^T + b  =>  dR = du^T s_in)
+        flat_du = du.view(depth, steps * b, 2 * n)
+        d_weight = torch.bmm(flat_du.transpose(1, 2), s_in_buf.view(depth, steps * b, n))
+        d_bias = flat_du.sum(1)
+        dxp = du[0].clone()  # u^1_t = xp_t + b^1 + ...: dL/dxp = du^1 (du goes back to the workspace)
+        if workspace is not None:
+            workspace.give((du,))
+            ctx.ticket = workspace.give(ctx.buffers)
+        return dxp, ds, d_weight, d_bias, None, None, None, None, None, None

@@ -53,7 +53,7 @@ from .common import (
     set_transform_bias_,
     step_dropout_masks,
 )
-from .fused import RHNRecurrence
+from .fused import RHNRecurrence, resolve_backend
 
 
 class HyperRHNConfig(CellConfig):
@@ -80,6 +80,11 @@ class HyperRHNConfig(CellConfig):
     projection_init: Literal["default", "identity"] = Field(
         "default", description="default: P_l, p_l get the init scheme like every other weight (Suarez); "
         "identity: P_l = 0, p_l = 1 so every scale starts at 1 and the cell starts as a plain RHN",
+    )
+    backend: Literal["auto", "cpp", "python"] = Field(
+        "auto", description="the hyper RHN's time loop in training: 'cpp' (C++ kernel built at first use), "
+        "'python' (torch ops, any device), 'auto' (cpp on CPU when a compiler is present); the main RHN, "
+        "scaled by z, runs in torch ops"
     )
 
     @field_validator("transform_bias", mode="before")
@@ -285,9 +290,10 @@ class HyperRHNCell(StepCell):
         steps, b = x.shape[1], x.shape[0]
         x_t = x.transpose(0, 1)  # [t, b, d]
         # eq. H1, all steps: Ŵ e_t + b̂_in hoisted (b̂_1 is added inside)
-        sh_all, sh = RHNRecurrence.apply(F.linear(x_t, self.hyper_weight_ih, self.hyper_bias_ih), sh,
-                                         self.hyper_weight_hh, self.hyper_bias_hh, None, hyper_masks,
-                                         self._workspace, None, True)  # [d, t, b, n̂]
+        xp_hyper = F.linear(x_t, self.hyper_weight_ih, self.hyper_bias_ih)
+        sh_all, sh = RHNRecurrence.apply(xp_hyper, sh, self.hyper_weight_hh, self.hyper_bias_hh, None, hyper_masks,
+                                         self._workspace, None, True,
+                                         resolve_backend(c.backend, xp_hyper))  # [d, t, b, n̂]
         # eq. H2: z^l = P_l ŝ^l + p_l for every depth and step in one batched matmul
         z = torch.baddbmm(self.proj_bias.unsqueeze(1), sh_all.reshape(depth, steps * b, -1),
                           self.proj_weight.transpose(1, 2)).view(depth, steps, b, n)

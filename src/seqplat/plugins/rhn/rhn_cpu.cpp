@@ -1,0 +1,248 @@
+// Recurrent Highway Network on CPU: the time loop of RHNRecurrence (fused.py), forward and backward.
+//
+// Zilly, Srivastava, Koutnik & Schmidhuber, "Recurrent Highway Networks", ICML 2017. Spec:
+// shared/papers/rhn.md. Eqs. R1-R4 of cell.py in the form of fused.py (carry c = 1 - t, Zilly's
+// form), for micro-layer l = 1..L of step j, with s^0_j = s^L_{j-1}:
+//
+//     s_in = s^{l-1} * m_h                        (variational hidden mask, optional)
+//     u    = [u_H | u_T] = s_in R_l^T + b_l (+ xp_j for l = 1: W x_j, hoisted)
+//     h    = tanh(u_H)                            (R1)
+//     t    = sigmoid(u_T)                         (R2)
+//     e    = h * g - s^{l-1}                      (g: gate dropout mask, optional)
+//     s^l  = s^{l-1} + t * e                      (R3-R4: h t g + s (1 - t))
+//
+// Each (step, micro-layer) is one GEMM into the [B, 2n] slice of the `a` buffer and one fused
+// elementwise pass that adds xp/b, writes a = [h | t], e and s^l (and s^l * m_h, the next s_in). The
+// backward walks the steps and micro-layers in reverse: one fused pass gives du = [du_H | du_T] and
+// ds through R4 itself, then one GEMM adds du R_l (times m_h). The caller computes the weight
+// gradients as one GEMM per micro-layer over all steps (du^T s_in) and the bias gradients as sums.
+//
+// Buffers (caller-owned, so a Workspace can reuse them): s_in [L, K, B, n], a [L, K, B, 2n],
+// e [L, K, B, n] with K = T (training) or 1 (inference: one step's scratch, reused). Time major,
+// contiguous. Rows run in parallel (at::parallel_for, compiled with -fopenmp by
+// seqplat.core.cpp_ext) when a micro-layer has two chunks' worth of them.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+
+namespace {
+
+// rows per parallel chunk: at least 8k elements of a micro-layer's [B, 2n] pre-activation
+int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 8192 / (2 * n)); }
+
+template <typename F>
+inline void for_rows(int64_t B, int64_t grain, const F& f) {
+  if (B < 2 * grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    f(int64_t(0), B);
+    return;
+  }
+  at::parallel_for(0, B, grain, f);
+}
+
+// `a` holds s_in R^T on entry and [h | t] on exit. Every pointer is valid (the caller passes zeros for
+// xp above layer 1, ones for absent masks and a scratch row block for an unused s_in_next), so the loop
+// has no branches and vectorizes, with the vector tanh/exp.
+template <typename scalar_t>
+void forward_cell(scalar_t* a, const scalar_t* xp, const scalar_t* bias, const scalar_t* s, const scalar_t* g,
+                  const scalar_t* mask_h, scalar_t* e, scalar_t* s_out, scalar_t* s_in_next, int64_t B, int64_t n) {
+  for_rows(B, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* ar = a + r * 2 * n;
+      const scalar_t* xr = xp + r * 2 * n;
+      const int64_t o_ = r * n;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        const scalar_t uh = ar[k] + bias[k] + xr[k];
+        const scalar_t ut = ar[n + k] + bias[n + k] + xr[n + k];
+        const scalar_t h = std::tanh(uh);                                // R1
+        const scalar_t t = scalar_t(1) / (scalar_t(1) + std::exp(-ut));  // R2
+        const scalar_t sp = s[o_ + k];
+        const scalar_t ev = h * g[o_ + k] - sp;                          // e = h (* g) - s
+        const scalar_t sn = sp + t * ev;                                 // R4: s' = s + t e
+        ar[k] = h;
+        ar[n + k] = t;
+        e[o_ + k] = ev;
+        s_out[o_ + k] = sn;
+        s_in_next[o_ + k] = sn * mask_h[o_ + k];
+      }
+    }
+  });
+}
+
+// ds holds dL/ds^l on entry (d_out already added) and dL/ds^{l-1} through R4 alone on exit (the caller
+// adds du R_l, times m_h)
+template <typename scalar_t>
+void backward_cell(const scalar_t* a, const scalar_t* e, const scalar_t* g, scalar_t* ds, scalar_t* du, int64_t B,
+                   int64_t n) {
+  for_rows(B, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* ar = a + r * 2 * n;
+      scalar_t* dur = du + r * 2 * n;
+      const int64_t o_ = r * n;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        const scalar_t h = ar[k], t = ar[n + k];
+        const scalar_t dsv = ds[o_ + k];
+        const scalar_t dte = dsv * t;                                     // R4: dL/de
+        const scalar_t dh = dte * g[o_ + k];                             // e = h (* g) - s
+        dur[k] = dh * (scalar_t(1) - h * h);                             // R1: tanh'
+        dur[n + k] = dsv * e[o_ + k] * t * (scalar_t(1) - t);            // R4 then R2: sigmoid'
+        ds[o_ + k] = dsv - dte;                                          // ds'/ds = 1 - t
+      }
+    }
+  });
+}
+
+void check_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Tensor& w, const at::Tensor& b,
+                   const std::optional<at::Tensor>& mask_h, const std::optional<at::Tensor>& mask_g,
+                   const at::Tensor& s_in, const at::Tensor& a, const at::Tensor& e, const at::Tensor& ys) {
+  TORCH_CHECK(xp.dim() == 3 && xp.size(2) % 2 == 0, "rhn: xp must be [time, batch, 2n], got ", xp.sizes());
+  const int64_t T = xp.size(0), B = xp.size(1), n = xp.size(2) / 2;
+  TORCH_CHECK(w.dim() == 3 && w.size(1) == 2 * n && w.size(2) == n, "rhn: weight_hh must be [L, ", 2 * n, ", ", n,
+              "], got ", w.sizes());
+  const int64_t L = w.size(0);
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == L && b.size(1) == 2 * n, "rhn: bias_hh must be [", L, ", ", 2 * n, "]");
+  TORCH_CHECK(s0.dim() == 2 && s0.size(0) == B && s0.size(1) == n, "rhn: s0 must be [", B, ", ", n, "]");
+  TORCH_CHECK(!mask_h || (mask_h->dim() == 2 && mask_h->size(0) == B && mask_h->size(1) == n),
+              "rhn: mask_h must be [", B, ", ", n, "]");
+  TORCH_CHECK(!mask_g || (mask_g->dim() == 4 && mask_g->size(0) == T && mask_g->size(1) == L &&
+                          mask_g->size(2) == B && mask_g->size(3) == n),
+              "rhn: mask_g must be [", T, ", ", L, ", ", B, ", ", n, "]");
+  const int64_t K = s_in.size(1);
+  TORCH_CHECK(K == T || K == 1, "rhn: the buffers keep every step or one");
+  TORCH_CHECK(s_in.sizes() == at::IntArrayRef({L, K, B, n}) && e.sizes() == s_in.sizes() &&
+                  a.sizes() == at::IntArrayRef({L, K, B, 2 * n}) && ys.sizes() == at::IntArrayRef({T, B, n}),
+              "rhn: buffer shapes do not match");
+  TORCH_CHECK(xp.device().is_cpu(), "rhn: the C++ loop runs on CPU tensors only");
+  for (const at::Tensor* t : {&s0, &w, &b, &s_in, &a, &e, &ys}) {
+    TORCH_CHECK(t->scalar_type() == xp.scalar_type(), "rhn: all inputs must share xp's dtype");
+    TORCH_CHECK(t->is_contiguous(), "rhn: inputs and buffers must be contiguous");
+  }
+  TORCH_CHECK(xp.is_contiguous(), "rhn: xp must be contiguous");
+  for (const auto* m : {&mask_h, &mask_g}) {
+    TORCH_CHECK(!*m || ((*m)->scalar_type() == xp.scalar_type() && (*m)->is_contiguous()),
+                "rhn: masks must be contiguous and share xp's dtype");
+  }
+}
+
+// writes s_in, a, e (every step when K == T) and ys; returns s^L_T
+at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Tensor& w, const at::Tensor& b,
+                       const std::optional<at::Tensor>& mask_h, const std::optional<at::Tensor>& mask_g,
+                       at::Tensor s_in, at::Tensor a, at::Tensor e, at::Tensor ys) {
+  check_forward(xp, s0, w, b, mask_h, mask_g, s_in, a, e, ys);
+  const int64_t T = xp.size(0), B = xp.size(1), n = xp.size(2) / 2, L = w.size(0), K = s_in.size(1);
+  at::Tensor scratch = at::empty({3, B, n}, xp.options());  // s^l of inner layers nothing keeps; a dump row block
+  at::Tensor ones = at::ones({B, n}, xp.options());         // the mask that is absent
+  at::Tensor zeros = at::zeros({B, 2 * n}, xp.options());   // xp above micro-layer 1
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "rhn_forward", [&] {
+    const scalar_t* mh = mask_h ? mask_h->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* mg = mask_g ? mask_g->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* one_p = ones.const_data_ptr<scalar_t>();
+    const scalar_t* zero_p = zeros.const_data_ptr<scalar_t>();
+    scalar_t* si_p = s_in.mutable_data_ptr<scalar_t>();
+    scalar_t* a_p = a.mutable_data_ptr<scalar_t>();
+    scalar_t* e_p = e.mutable_data_ptr<scalar_t>();
+    scalar_t* ys_p = ys.mutable_data_ptr<scalar_t>();
+    scalar_t* sc_p = scratch.mutable_data_ptr<scalar_t>();
+    const scalar_t* xp_p = xp.const_data_ptr<scalar_t>();
+    const scalar_t* b_p = b.const_data_ptr<scalar_t>();
+    const int64_t s1 = B * n, s2 = 2 * B * n;
+    // s_in of micro-layer 1, step 1: s0 (* m_h)
+    {
+      const scalar_t* s0p = s0.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < s1; ++i) si_p[i] = mh != nullptr ? s0p[i] * mh[i] : s0p[i];
+    }
+    const scalar_t* s = s0.const_data_ptr<scalar_t>();
+    for (int64_t j = 0; j < T; ++j) {
+      const int64_t k = K == T ? j : 0;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t buf = l * K + k;  // [l, k] of the [L, K, ...] buffers
+        at::Tensor a_lk = a[l][k];
+        at::mm_out(a_lk, s_in[l][k], w[l].t());  // s_in R_l^T
+        scalar_t* s_out;
+        scalar_t* s_in_next = nullptr;
+        if (l == L - 1) {
+          s_out = ys_p + j * s1;
+          if (j + 1 < T) s_in_next = si_p + (K == T ? k + 1 : 0) * s1;  // micro-layer 1 of the next step
+        } else {
+          s_in_next = si_p + ((l + 1) * K + k) * s1;
+          s_out = mh == nullptr ? s_in_next : sc_p + (l % 2) * s1;
+          if (mh == nullptr) s_in_next = nullptr;  // s_out is the next s_in already
+        }
+        forward_cell<scalar_t>(a_p + buf * s2, l == 0 ? xp_p + j * s2 : zero_p, b_p + l * 2 * n, s,
+                               mg != nullptr ? mg + (j * L + l) * s1 : one_p, mh != nullptr ? mh : one_p,
+                               e_p + buf * s1, s_out, s_in_next != nullptr ? s_in_next : sc_p + 2 * s1, B, n);
+        s = s_out;
+      }
+    }
+  });
+  return ys[T - 1].clone();
+}
+
+// fills du [L, T, B, 2n] and returns dL/ds0; d_out [L, T, B, n] (gradients at every micro-layer's output) or
+// dys [T, B, n] (at the last micro-layer's only)
+at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& mask_h,
+                        const std::optional<at::Tensor>& mask_g, const at::Tensor& a, const at::Tensor& e,
+                        const at::Tensor& d_out_in, const at::Tensor& ds_in, at::Tensor du) {
+  const int64_t L = a.size(0), T = a.size(1), B = a.size(2), n = a.size(3) / 2;
+  TORCH_CHECK(du.sizes() == a.sizes() && du.is_contiguous(), "rhn: du must be a contiguous [L, T, B, 2n] buffer");
+  const at::Tensor d_out = d_out_in.to(a.scalar_type()).contiguous();
+  const bool all_layers = d_out.dim() == 4;
+  TORCH_CHECK(all_layers ? d_out.size(0) == L && d_out.size(1) == T : d_out.dim() == 3 && d_out.size(0) == T,
+              "rhn: the output gradient must be [L, T, B, n] or [T, B, n]");
+  at::Tensor ds = ds_in.to(a.scalar_type()).clone().contiguous();
+  at::Tensor tmp = mask_h ? at::empty({B, n}, a.options()) : at::Tensor();
+  at::Tensor ones = at::ones({B, n}, a.options());  // the gate mask that is absent (a branch-free loop)
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "rhn_backward", [&] {
+    const scalar_t* mh = mask_h ? mask_h->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* mg = mask_g ? mask_g->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* a_p = a.const_data_ptr<scalar_t>();
+    const scalar_t* e_p = e.const_data_ptr<scalar_t>();
+    const scalar_t* do_p = d_out.const_data_ptr<scalar_t>();
+    scalar_t* du_p = du.mutable_data_ptr<scalar_t>();
+    scalar_t* ds_p = ds.mutable_data_ptr<scalar_t>();
+    const int64_t s1 = B * n, s2 = 2 * B * n;
+    for (int64_t j = T - 1; j >= 0; --j) {
+      for (int64_t l = L - 1; l >= 0; --l) {
+        const int64_t buf = l * T + j;
+        if (all_layers || l == L - 1) {  // this micro-layer's output is an output of the loop
+          const scalar_t* dop = do_p + (all_layers ? buf : j) * s1;
+          for (int64_t i = 0; i < s1; ++i) ds_p[i] += dop[i];
+        }
+        backward_cell<scalar_t>(a_p + buf * s2, e_p + buf * s1,
+                                mg != nullptr ? mg + (j * L + l) * s1 : ones.const_data_ptr<scalar_t>(), ds_p,
+                                du_p + buf * s2, B, n);
+        at::Tensor du_lj = du[l][j];
+        if (mh == nullptr) {
+          ds.addmm_(du_lj, w[l]);  // s_in = s: dL/ds += du R_l
+        } else {
+          at::mm_out(tmp, du_lj, w[l]);  // s_in = s m_h: dL/ds += (du R_l) m_h
+          const scalar_t* tp = tmp.const_data_ptr<scalar_t>();
+          for (int64_t i = 0; i < s1; ++i) ds_p[i] += tp[i] * mh[i];
+        }
+      }
+    }
+  });
+  return ds;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(seqplat_rhn, m) {
+  m.def(
+      "forward(Tensor xp, Tensor s0, Tensor weight_hh, Tensor bias_hh, Tensor? mask_h, Tensor? mask_g, "
+      "Tensor(a!) s_in, Tensor(b!) a, Tensor(c!) e, Tensor(d!) ys) -> Tensor");
+  m.def(
+      "backward(Tensor weight_hh, Tensor? mask_h, Tensor? mask_g, Tensor a, Tensor e, Tensor grad_out, "
+      "Tensor grad_sT, Tensor(a!) du) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(seqplat_rhn, CPU, m) {
+  m.impl("forward", &rhn_forward);
+  m.impl("backward", &rhn_backward);
+}
