@@ -293,7 +293,7 @@ def test_recurrence_gradcheck_float64_hyper_variants(depth, variant, backend):
     mask_g = torch.bernoulli(torch.full((steps, depth, b, n), 0.6, dtype=dt)) / 0.6 if "gate" in variant else None
     inputs = (xp, s0, w, bias, z) if variant.startswith("scales") else (xp, s0, w, bias)
 
-    needs_kernel(backend)  # with scales the Function keeps the python loop whatever the backend
+    needs_kernel(backend)
 
     def fn(xp_, s0_, w_, b_, z_=None):
         return RHNRecurrence.apply(xp_, s0_, w_, b_, None, mask_g, None, z_, variant.startswith("all_layers"),
@@ -345,9 +345,11 @@ def run_hyper(cell: nn.Module, x: torch.Tensor, state: tuple[torch.Tensor, torch
 @pytest.mark.parametrize("opts", [{}, {"gate_dropout": 0.35}, {"projection_init": "identity", "init": "uniform",
                                                                "transform_bias": -2.0}],
                          ids=["plain", "gate_dropout", "identity"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("depth", [1, 3])
-def test_hyper_explicit_backward_matches_reference_path(depth, opts):
-    cell = hyper(depth, **opts).train()
+def test_hyper_explicit_backward_matches_reference_path(depth, opts, backend):
+    needs_kernel(backend)
+    cell = hyper(depth, backend=backend, **opts).train()
     x, state = torch.randn(4, 6, 3), (torch.randn(4, 3), torch.randn(4, 5))
     ref = run_hyper(cell, x, state, fast=False)
     for _ in range(2):  # the second time with the workspace filled

@@ -72,25 +72,28 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 
 
 def rhn_loop_cpp(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h: Tensor | None,
-                 mask_g: Tensor | None, keep: bool,
-                 workspace: Workspace | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
-    """:func:`rhn_loop` (without ``scales``) in ``rhn_cpu.cpp``: one GEMM and one fused pass per micro-layer.
+                 mask_g: Tensor | None, keep: bool, workspace: Workspace | None = None,
+                 scales: Tensor | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
+    """:func:`rhn_loop` in ``rhn_cpu.cpp``: one GEMM and one fused pass per micro-layer and step.
 
     The kept buffers are ``s_in [L, T, b, n]`` (as in :func:`rhn_loop`), ``a [L, T, b, 2n]`` holding
-    ``[h | t]`` (not ``sigmoid(2 u_H)``: the C++ loop calls tanh) and ``e [L, T, b, n]``; only
-    :class:`RHNRecurrence`'s C++ backward reads them.
+    ``[h | t]`` (not ``sigmoid(2 u_H)``: the C++ loop calls tanh), ``e [L, T, b, n]`` and with
+    ``scales`` ``rs [L, T, b, 2n]``; only :class:`RHNRecurrence`'s C++ backward reads them.
     """
     steps, b = xp.shape[0], xp.shape[1]
     depth, n = weight_hh.shape[0], weight_hh.shape[2]
     k_steps = steps if keep else 1
     shapes = ((depth, k_steps, b, n), (depth, k_steps, b, 2 * n), (depth, k_steps, b, n))
+    if scales is not None:
+        shapes += ((depth, k_steps, b, 2 * n),)
     if keep and workspace is not None:
         bufs = workspace.take(shapes, xp)
     else:
         bufs = tuple(xp.new_empty(shape) for shape in shapes)
     ys = xp.new_empty(steps, b, n)
     s = torch.ops.seqplat_rhn.forward(xp.contiguous(), s0.contiguous(), weight_hh.contiguous(), bias_hh.contiguous(),
-                                      _contiguous(mask_h), _contiguous(mask_g), *bufs, ys)
+                                      _contiguous(mask_h), _contiguous(mask_g), _contiguous(scales), *bufs[:3], ys,
+                                      bufs[3] if scales is not None else None)
     return ys, s, (bufs if keep else None)
 
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # grad * y * (1 - y), into grad_input
@@ -207,9 +210,9 @@ class RHNRecurrence(torch.autograd.Function):
                 all_layers: bool = False, backend: str = "python") -> tuple[Tensor, Tensor]:
         if all_layers and mask_h is not None:
             raise ValueError("all_layers needs mask_h=None (the kept states are the layer outputs)")
-        ctx.cpp = backend == "cpp" and scales is None  # the C++ loop has no H3 scales: hyper_rhn's main RHN
+        ctx.cpp = backend == "cpp"
         if ctx.cpp:
-            ys, s, saved = rhn_loop_cpp(xp, s0, weight_hh, bias_hh, mask_h, mask_g, True, workspace)
+            ys, s, saved = rhn_loop_cpp(xp, s0, weight_hh, bias_hh, mask_h, mask_g, True, workspace, scales)
         else:
             ys, s, saved = rhn_loop(xp, s0, weight_hh, bias_hh, mask_h, mask_g, True, workspace, scales)
         ctx.buffers = saved  # not save_for_backward: the buffers are ours, nobody else writes them
@@ -234,7 +237,7 @@ class RHNRecurrence(torch.autograd.Function):
         mask_h, mask_g = ctx.masks
         depth, steps, b, n = e_buf.shape
         if ctx.cpp:
-            return RHNRecurrence._cpp_backward(ctx, dys, ds_out, weight_hh)
+            return RHNRecurrence._cpp_backward(ctx, dys, ds_out, weight_hh, scales)
 
         def scratch(shape: tuple[int, ...]) -> Tensor:
             return workspace.take((shape,), e_buf)[0] if workspace is not None else e_buf.new_empty(shape)
@@ -306,26 +309,31 @@ class RHNRecurrence(torch.autograd.Function):
         return du[0], ds, d_weight, d_bias, None, None, None, d_scales, None, None
 
     @staticmethod
-    def _cpp_backward(ctx: Any, dys: Tensor | None, ds_out: Tensor | None,
-                      weight_hh: Tensor) -> tuple[Tensor | None, ...]:
+    def _cpp_backward(ctx: Any, dys: Tensor | None, ds_out: Tensor | None, weight_hh: Tensor,
+                      scales: Tensor | None) -> tuple[Tensor | None, ...]:
         """The reverse loop in ``rhn_cpu.cpp``; the weight gradients as in the python backward."""
         workspace: Workspace | None = ctx.workspace
-        s_in_buf, a_buf, e_buf = ctx.buffers
+        s_in_buf, a_buf, e_buf = ctx.buffers[:3]
         mask_h, mask_g = ctx.masks
         depth, steps, b, n = e_buf.shape
-        shape = (depth, steps, b, 2 * n)
-        du = workspace.take((shape,), e_buf)[0] if workspace is not None else e_buf.new_empty(shape)
+        shapes = ((depth, steps, b, 2 * n),) * (1 if scales is None else 2)
+        scratch = workspace.take(shapes, e_buf) if workspace is not None else tuple(map(e_buf.new_empty, shapes))
+        du, drs = scratch[0], (scratch[1] if scales is not None else None)
         if dys is None:
             dys = e_buf.new_zeros((depth, steps, b, n) if ctx.all_layers else (steps, b, n))
         ds_T = e_buf.new_zeros(b, n) if ds_out is None else ds_out
-        ds = torch.ops.seqplat_rhn.backward(weight_hh.contiguous(), _contiguous(mask_h), _contiguous(mask_g), a_buf,
-                                            e_buf, dys, ds_T, du)
-        # weight gradients: one GEMM per micro-layer over all steps (u = s_in R^T + b  =>  dR = du^T s_in)
+        ds = torch.ops.seqplat_rhn.backward(weight_hh.contiguous(), _contiguous(mask_h), _contiguous(mask_g),
+                                            _contiguous(scales), a_buf, e_buf, dys, ds_T, du, drs)
+        # weight gradients: one GEMM per micro-layer over all steps (rs = s_in R^T  =>  dR = drs^T s_in)
         flat_du = du.view(depth, steps * b, 2 * n)
-        d_weight = torch.bmm(flat_du.transpose(1, 2), s_in_buf.view(depth, steps * b, n))
+        flat_drs = flat_du if drs is None else drs.view(depth, steps * b, 2 * n)
+        d_weight = torch.bmm(flat_drs.transpose(1, 2), s_in_buf.view(depth, steps * b, n))
         d_bias = flat_du.sum(1)
+        d_scales = None
+        if scales is not None:  # H3: dL/dz = sum over the H and T halves of du * rs
+            d_scales = (du * ctx.buffers[3]).view(depth, steps, b, 2, n).sum(3)
         dxp = du[0].clone()  # u^1_t = xp_t + b^1 + ...: dL/dxp = du^1 (du goes back to the workspace)
         if workspace is not None:
-            workspace.give((du,))
+            workspace.give(scratch)
             ctx.ticket = workspace.give(ctx.buffers)
-        return dxp, ds, d_weight, d_bias, None, None, None, None, None, None
+        return dxp, ds, d_weight, d_bias, None, None, None, d_scales, None, None

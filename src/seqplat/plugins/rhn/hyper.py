@@ -82,9 +82,8 @@ class HyperRHNConfig(CellConfig):
         "identity: P_l = 0, p_l = 1 so every scale starts at 1 and the cell starts as a plain RHN",
     )
     backend: Literal["auto", "cpp", "python"] = Field(
-        "auto", description="the hyper RHN's time loop in training: 'cpp' (C++ kernel built at first use), "
-        "'python' (torch ops, any device), 'auto' (cpp on CPU when a compiler is present); the main RHN, "
-        "scaled by z, runs in torch ops"
+        "auto", description="both RHN time loops in training: 'cpp' (C++ kernel built at first use), "
+        "'python' (torch ops, any device), 'auto' (cpp on CPU when a compiler is present)"
     )
 
     @field_validator("transform_bias", mode="before")
@@ -300,7 +299,8 @@ class HyperRHNCell(StepCell):
         # eq. H3, layer 1's input term for all steps: [z^1; z^1] * (W e_t) + b_in (b_1 is added inside)
         a0 = torch.addcmul(self.bias_ih, torch.cat([z[0], z[0]], dim=-1), F.linear(x_t, self.weight_ih))
         mask_g = step_dropout_masks(steps, depth, b, n, self._gate_p(), x)  # after the hyper masks, as in _step
-        ys, s = RHNRecurrence.apply(a0, s, self.weight_hh, self.bias_hh, None, mask_g, self._workspace, z)
+        ys, s = RHNRecurrence.apply(a0, s, self.weight_hh, self.bias_hh, None, mask_g, self._workspace, z, False,
+                                    resolve_backend(c.backend, a0))
         return ys.transpose(0, 1), (sh, s)
 
     @torch.no_grad()

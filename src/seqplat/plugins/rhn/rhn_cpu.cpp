@@ -5,7 +5,8 @@
 // form), for micro-layer l = 1..L of step j, with s^0_j = s^L_{j-1}:
 //
 //     s_in = s^{l-1} * m_h                        (variational hidden mask, optional)
-//     u    = [u_H | u_T] = s_in R_l^T + b_l (+ xp_j for l = 1: W x_j, hoisted)
+//     u    = [u_H | u_T] = [z; z] * (s_in R_l^T) + b_l (+ xp_j for l = 1: W x_j, hoisted)
+//                                                 (z = z^l_j: hyper_rhn's scales, eq. H3; 1 for rhn)
 //     h    = tanh(u_H)                            (R1)
 //     t    = sigmoid(u_T)                         (R2)
 //     e    = h * g - s^{l-1}                      (g: gate dropout mask, optional)
@@ -18,7 +19,8 @@
 // gradients as one GEMM per micro-layer over all steps (du^T s_in) and the bias gradients as sums.
 //
 // Buffers (caller-owned, so a Workspace can reuse them): s_in [L, K, B, n], a [L, K, B, 2n],
-// e [L, K, B, n] with K = T (training) or 1 (inference: one step's scratch, reused). Time major,
+// e [L, K, B, n] (and with scales rs [L, K, B, 2n] = s_in R_l^T) with K = T (training) or 1
+// (inference: one step's scratch, reused). Time major,
 // contiguous. Rows run in parallel (at::parallel_for, compiled with -fopenmp by
 // seqplat.core.cpp_ext) when a micro-layer has two chunks' worth of them.
 
@@ -35,6 +37,16 @@ namespace {
 // rows per parallel chunk: at least 8k elements of a micro-layer's [B, 2n] pre-activation
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 8192 / (2 * n)); }
 
+// 1 / (1 + exp(-v)) with v clamped to [-80, 80]: under -ffast-math an exp that overflows to inf turned
+// the vectorised form into NaN. Near saturation the vector form is within an ulp of 0 or 1 (it gave
+// 1 - 2^-24 at v = 80 where torch gives 1); the tanh form (1 + tanh(v/2))/2 is exact there but made rhn's
+// training step 20% slower.
+template <typename scalar_t>
+inline scalar_t sigmoid(scalar_t v) {
+  const scalar_t c = std::min(std::max(v, scalar_t(-80)), scalar_t(80));
+  return scalar_t(1) / (scalar_t(1) + std::exp(-c));
+}
+
 template <typename F>
 inline void for_rows(int64_t B, int64_t grain, const F& f) {
   if (B < 2 * grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
@@ -47,20 +59,23 @@ inline void for_rows(int64_t B, int64_t grain, const F& f) {
 // `a` holds s_in R^T on entry and [h | t] on exit. Every pointer is valid (the caller passes zeros for
 // xp above layer 1, ones for absent masks and a scratch row block for an unused s_in_next), so the loop
 // has no branches and vectorizes, with the vector tanh/exp.
+// `rs` holds s_in R^T (it is `a` itself without scales).
 template <typename scalar_t>
-void forward_cell(scalar_t* a, const scalar_t* xp, const scalar_t* bias, const scalar_t* s, const scalar_t* g,
-                  const scalar_t* mask_h, scalar_t* e, scalar_t* s_out, scalar_t* s_in_next, int64_t B, int64_t n) {
+void forward_cell(const scalar_t* rs, scalar_t* a, const scalar_t* z, const scalar_t* xp, const scalar_t* bias,
+                  const scalar_t* s, const scalar_t* g, const scalar_t* mask_h, scalar_t* e, scalar_t* s_out,
+                  scalar_t* s_in_next, int64_t B, int64_t n) {
   for_rows(B, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* rr = rs + r * 2 * n;
       scalar_t* ar = a + r * 2 * n;
       const scalar_t* xr = xp + r * 2 * n;
       const int64_t o_ = r * n;
 #pragma omp simd
       for (int64_t k = 0; k < n; ++k) {
-        const scalar_t uh = ar[k] + bias[k] + xr[k];
-        const scalar_t ut = ar[n + k] + bias[n + k] + xr[n + k];
+        const scalar_t uh = rr[k] * z[o_ + k] + bias[k] + xr[k];          // H3: [z; z] * (R s_in) + b
+        const scalar_t ut = rr[n + k] * z[o_ + k] + bias[n + k] + xr[n + k];
         const scalar_t h = std::tanh(uh);                                // R1
-        const scalar_t t = scalar_t(1) / (scalar_t(1) + std::exp(-ut));  // R2
+        const scalar_t t = sigmoid(ut);                                  // R2
         const scalar_t sp = s[o_ + k];
         const scalar_t ev = h * g[o_ + k] - sp;                          // e = h (* g) - s
         const scalar_t sn = sp + t * ev;                                 // R4: s' = s + t e
@@ -75,14 +90,15 @@ void forward_cell(scalar_t* a, const scalar_t* xp, const scalar_t* bias, const s
 }
 
 // ds holds dL/ds^l on entry (d_out already added) and dL/ds^{l-1} through R4 alone on exit (the caller
-// adds du R_l, times m_h)
+// adds drs R_l, times m_h); drs = du * [z; z] (it is du itself without scales)
 template <typename scalar_t>
-void backward_cell(const scalar_t* a, const scalar_t* e, const scalar_t* g, scalar_t* ds, scalar_t* du, int64_t B,
-                   int64_t n) {
+void backward_cell(const scalar_t* a, const scalar_t* e, const scalar_t* g, const scalar_t* z, scalar_t* ds,
+                   scalar_t* du, scalar_t* drs, int64_t B, int64_t n) {
   for_rows(B, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* ar = a + r * 2 * n;
       scalar_t* dur = du + r * 2 * n;
+      scalar_t* drr = drs + r * 2 * n;
       const int64_t o_ = r * n;
 #pragma omp simd
       for (int64_t k = 0; k < n; ++k) {
@@ -90,8 +106,12 @@ void backward_cell(const scalar_t* a, const scalar_t* e, const scalar_t* g, scal
         const scalar_t dsv = ds[o_ + k];
         const scalar_t dte = dsv * t;                                     // R4: dL/de
         const scalar_t dh = dte * g[o_ + k];                             // e = h (* g) - s
-        dur[k] = dh * (scalar_t(1) - h * h);                             // R1: tanh'
-        dur[n + k] = dsv * e[o_ + k] * t * (scalar_t(1) - t);            // R4 then R2: sigmoid'
+        const scalar_t duh = dh * (scalar_t(1) - h * h);                 // R1: tanh'
+        const scalar_t dut = dsv * e[o_ + k] * t * (scalar_t(1) - t);    // R4 then R2: sigmoid'
+        dur[k] = duh;
+        dur[n + k] = dut;
+        drr[k] = duh * z[o_ + k];                                        // H3
+        drr[n + k] = dut * z[o_ + k];
         ds[o_ + k] = dsv - dte;                                          // ds'/ds = 1 - t
       }
     }
@@ -100,6 +120,7 @@ void backward_cell(const scalar_t* a, const scalar_t* e, const scalar_t* g, scal
 
 void check_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Tensor& w, const at::Tensor& b,
                    const std::optional<at::Tensor>& mask_h, const std::optional<at::Tensor>& mask_g,
+                   const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& rs,
                    const at::Tensor& s_in, const at::Tensor& a, const at::Tensor& e, const at::Tensor& ys) {
   TORCH_CHECK(xp.dim() == 3 && xp.size(2) % 2 == 0, "rhn: xp must be [time, batch, 2n], got ", xp.sizes());
   const int64_t T = xp.size(0), B = xp.size(1), n = xp.size(2) / 2;
@@ -118,6 +139,13 @@ void check_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Tensor&
   TORCH_CHECK(s_in.sizes() == at::IntArrayRef({L, K, B, n}) && e.sizes() == s_in.sizes() &&
                   a.sizes() == at::IntArrayRef({L, K, B, 2 * n}) && ys.sizes() == at::IntArrayRef({T, B, n}),
               "rhn: buffer shapes do not match");
+  TORCH_CHECK(scales.has_value() == rs.has_value(), "rhn: scales need an rs buffer");
+  if (scales) {
+    TORCH_CHECK(scales->sizes() == at::IntArrayRef({L, T, B, n}) && rs->sizes() == a.sizes() &&
+                    scales->is_contiguous() && rs->is_contiguous() && scales->scalar_type() == xp.scalar_type() &&
+                    rs->scalar_type() == xp.scalar_type(),
+                "rhn: scales must be [", L, ", ", T, ", ", B, ", ", n, "] and rs shaped like a, both contiguous");
+  }
   TORCH_CHECK(xp.device().is_cpu(), "rhn: the C++ loop runs on CPU tensors only");
   for (const at::Tensor* t : {&s0, &w, &b, &s_in, &a, &e, &ys}) {
     TORCH_CHECK(t->scalar_type() == xp.scalar_type(), "rhn: all inputs must share xp's dtype");
@@ -133,8 +161,9 @@ void check_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Tensor&
 // writes s_in, a, e (every step when K == T) and ys; returns s^L_T
 at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Tensor& w, const at::Tensor& b,
                        const std::optional<at::Tensor>& mask_h, const std::optional<at::Tensor>& mask_g,
-                       at::Tensor s_in, at::Tensor a, at::Tensor e, at::Tensor ys) {
-  check_forward(xp, s0, w, b, mask_h, mask_g, s_in, a, e, ys);
+                       const std::optional<at::Tensor>& scales, at::Tensor s_in, at::Tensor a, at::Tensor e,
+                       at::Tensor ys, const std::optional<at::Tensor>& rs) {
+  check_forward(xp, s0, w, b, mask_h, mask_g, scales, rs, s_in, a, e, ys);
   const int64_t T = xp.size(0), B = xp.size(1), n = xp.size(2) / 2, L = w.size(0), K = s_in.size(1);
   at::Tensor scratch = at::empty({3, B, n}, xp.options());  // s^l of inner layers nothing keeps; a dump row block
   at::Tensor ones = at::ones({B, n}, xp.options());         // the mask that is absent
@@ -143,6 +172,8 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
     const scalar_t* mh = mask_h ? mask_h->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* mg = mask_g ? mask_g->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* one_p = ones.const_data_ptr<scalar_t>();
+    const scalar_t* z_p = scales ? scales->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* rs_p = rs ? rs->mutable_data_ptr<scalar_t>() : nullptr;
     const scalar_t* zero_p = zeros.const_data_ptr<scalar_t>();
     scalar_t* si_p = s_in.mutable_data_ptr<scalar_t>();
     scalar_t* a_p = a.mutable_data_ptr<scalar_t>();
@@ -162,8 +193,8 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
       const int64_t k = K == T ? j : 0;
       for (int64_t l = 0; l < L; ++l) {
         const int64_t buf = l * K + k;  // [l, k] of the [L, K, ...] buffers
-        at::Tensor a_lk = a[l][k];
-        at::mm_out(a_lk, s_in[l][k], w[l].t());  // s_in R_l^T
+        at::Tensor mm_lk = rs ? (*rs)[l][k] : a[l][k];
+        at::mm_out(mm_lk, s_in[l][k], w[l].t());  // s_in R_l^T
         scalar_t* s_out;
         scalar_t* s_in_next = nullptr;
         if (l == L - 1) {
@@ -174,7 +205,9 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
           s_out = mh == nullptr ? s_in_next : sc_p + (l % 2) * s1;
           if (mh == nullptr) s_in_next = nullptr;  // s_out is the next s_in already
         }
-        forward_cell<scalar_t>(a_p + buf * s2, l == 0 ? xp_p + j * s2 : zero_p, b_p + l * 2 * n, s,
+        forward_cell<scalar_t>(rs_p != nullptr ? rs_p + buf * s2 : a_p + buf * s2, a_p + buf * s2,
+                               z_p != nullptr ? z_p + (l * T + j) * s1 : one_p,
+                               l == 0 ? xp_p + j * s2 : zero_p, b_p + l * 2 * n, s,
                                mg != nullptr ? mg + (j * L + l) * s1 : one_p, mh != nullptr ? mh : one_p,
                                e_p + buf * s1, s_out, s_in_next != nullptr ? s_in_next : sc_p + 2 * s1, B, n);
         s = s_out;
@@ -184,13 +217,16 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
   return ys[T - 1].clone();
 }
 
-// fills du [L, T, B, 2n] and returns dL/ds0; d_out [L, T, B, n] (gradients at every micro-layer's output) or
+// fills du [L, T, B, 2n] (and drs = du * [z; z] with scales) and returns dL/ds0; d_out [L, T, B, n] (gradients at every micro-layer's output) or
 // dys [T, B, n] (at the last micro-layer's only)
 at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& mask_h,
-                        const std::optional<at::Tensor>& mask_g, const at::Tensor& a, const at::Tensor& e,
-                        const at::Tensor& d_out_in, const at::Tensor& ds_in, at::Tensor du) {
+                        const std::optional<at::Tensor>& mask_g, const std::optional<at::Tensor>& scales,
+                        const at::Tensor& a, const at::Tensor& e, const at::Tensor& d_out_in, const at::Tensor& ds_in,
+                        at::Tensor du, const std::optional<at::Tensor>& drs) {
   const int64_t L = a.size(0), T = a.size(1), B = a.size(2), n = a.size(3) / 2;
   TORCH_CHECK(du.sizes() == a.sizes() && du.is_contiguous(), "rhn: du must be a contiguous [L, T, B, 2n] buffer");
+  TORCH_CHECK(scales.has_value() == drs.has_value() && (!drs || (drs->sizes() == a.sizes() && drs->is_contiguous())),
+              "rhn: scales need a contiguous drs buffer shaped like du");
   const at::Tensor d_out = d_out_in.to(a.scalar_type()).contiguous();
   const bool all_layers = d_out.dim() == 4;
   TORCH_CHECK(all_layers ? d_out.size(0) == L && d_out.size(1) == T : d_out.dim() == 3 && d_out.size(0) == T,
@@ -205,6 +241,8 @@ at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& ma
     const scalar_t* e_p = e.const_data_ptr<scalar_t>();
     const scalar_t* do_p = d_out.const_data_ptr<scalar_t>();
     scalar_t* du_p = du.mutable_data_ptr<scalar_t>();
+    scalar_t* drs_p = drs ? drs->mutable_data_ptr<scalar_t>() : du_p;
+    const scalar_t* z_p = scales ? scales->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* ds_p = ds.mutable_data_ptr<scalar_t>();
     const int64_t s1 = B * n, s2 = 2 * B * n;
     for (int64_t j = T - 1; j >= 0; --j) {
@@ -214,10 +252,11 @@ at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& ma
           const scalar_t* dop = do_p + (all_layers ? buf : j) * s1;
           for (int64_t i = 0; i < s1; ++i) ds_p[i] += dop[i];
         }
-        backward_cell<scalar_t>(a_p + buf * s2, e_p + buf * s1,
-                                mg != nullptr ? mg + (j * L + l) * s1 : ones.const_data_ptr<scalar_t>(), ds_p,
-                                du_p + buf * s2, B, n);
-        at::Tensor du_lj = du[l][j];
+        const scalar_t* one_p = ones.const_data_ptr<scalar_t>();
+        backward_cell<scalar_t>(a_p + buf * s2, e_p + buf * s1, mg != nullptr ? mg + (j * L + l) * s1 : one_p,
+                                z_p != nullptr ? z_p + buf * s1 : one_p, ds_p, du_p + buf * s2, drs_p + buf * s2, B,
+                                n);
+        at::Tensor du_lj = drs ? (*drs)[l][j] : du[l][j];  // what reaches s_in R^T
         if (mh == nullptr) {
           ds.addmm_(du_lj, w[l]);  // s_in = s: dL/ds += du R_l
         } else {
@@ -236,10 +275,10 @@ at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& ma
 TORCH_LIBRARY(seqplat_rhn, m) {
   m.def(
       "forward(Tensor xp, Tensor s0, Tensor weight_hh, Tensor bias_hh, Tensor? mask_h, Tensor? mask_g, "
-      "Tensor(a!) s_in, Tensor(b!) a, Tensor(c!) e, Tensor(d!) ys) -> Tensor");
+      "Tensor? scales, Tensor(a!) s_in, Tensor(b!) a, Tensor(c!) e, Tensor(d!) ys, Tensor(e!)? rs) -> Tensor");
   m.def(
-      "backward(Tensor weight_hh, Tensor? mask_h, Tensor? mask_g, Tensor a, Tensor e, Tensor grad_out, "
-      "Tensor grad_sT, Tensor(a!) du) -> Tensor");
+      "backward(Tensor weight_hh, Tensor? mask_h, Tensor? mask_g, Tensor? scales, Tensor a, Tensor e, "
+      "Tensor grad_out, Tensor grad_sT, Tensor(a!) du, Tensor(b!)? drs) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(seqplat_rhn, CPU, m) {
