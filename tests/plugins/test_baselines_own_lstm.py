@@ -163,10 +163,10 @@ def test_config_field_default_and_validation():
     with pytest.raises(pydantic.ValidationError, match="impl"):
         LSTMConfig(impl="cudnn")
     with pytest.raises(pydantic.ValidationError, match="impl"):
-        RNNBaseConfig(impl="own")  # gru and rnn have no such option
+        RNNBaseConfig(impl="own")  # rnn has no such option
     assert build_cell({"name": "lstm", "hidden_size": 4, "impl": "own"}, 3).config.impl == "own"
     with pytest.raises(pydantic.ValidationError):
-        build_cell({"name": "gru", "hidden_size": 4, "impl": "own"}, 3)
+        build_cell({"name": "rnn", "hidden_size": 4, "impl": "own"}, 3)
 
 
 def test_train_mode_forward_backward_and_quantizer_falls_back_to_reference():

@@ -18,6 +18,9 @@ GRU (Cho et al. 2014; torch's order r, z, n)::
 
     r = sigmoid(W_ir x + b_ir + W_hr h + b_hr);  z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
     n = tanh(W_in x + b_in + r * (W_hn h + b_hn));  h_t = (1 - z) * n + z * h_{t-1}
+
+The ``gru`` cell likewise has ``impl="own"`` (``own_gru.py``, a C++ loop; torch's fused kernel where no
+compiler is present).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from seqplat import CellConfig, StepCell
 from seqplat.core.cell import State
 
+from .own_gru import own_gru, usable
 from .own_lstm import own_lstm
 
 
@@ -45,6 +49,12 @@ class LSTMConfig(RNNBaseConfig):
     impl: Literal["fused", "own"] = Field(
         "fused", description="fast path: 'fused' (torch's nn.LSTM, oneDNN/cuDNN) or 'own' (seqplat's hoisted "
         "LSTM with a custom backward, a C++ loop on CPU when a compiler is present; same parameters)")
+
+
+class GRUConfig(RNNBaseConfig):
+    impl: Literal["fused", "own"] = Field(
+        "fused", description="fast path: 'fused' (torch's nn.GRU, oneDNN/cuDNN) or 'own' (seqplat's hoisted GRU "
+        "with a custom backward in a C++ loop; torch's fused kernel where no compiler is present; same parameters)")
 
 
 class _FusedBase(StepCell):
@@ -105,8 +115,9 @@ class LSTMCell(_FusedBase):
 
 
 class GRUCell(_FusedBase):
-    """GRU on torch's fused kernel (fast path) with a hand-written reference step."""
+    """GRU on torch's fused kernel or seqplat's own (fast paths) with a hand-written reference step."""
 
+    config_class = GRUConfig
     module_cls = nn.GRU
     activation_roles = ("gate_preact", "gate", "candidate_preact", "candidate", "hidden")
 
@@ -125,6 +136,8 @@ class GRUCell(_FusedBase):
         return h, h
 
     def fast_forward(self, x, state, *, times=None):
+        if getattr(self.config, "impl", "fused") == "own" and usable(x):
+            return own_gru(x, state, *self._weights())
         y, h_n = self.rnn(x, state.unsqueeze(0).contiguous())
         return y, h_n.squeeze(0)
 
