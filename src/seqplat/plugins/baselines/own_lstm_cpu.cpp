@@ -21,8 +21,9 @@
 // only when a step is large enough to pay for it.
 //
 // Speed: the row loops carry `#pragma omp simd` and seqplat.core.cpp_ext compiles the file with
-// `-O3 -ffast-math -fopenmp-simd` (and `-march=native` where accepted; compile flags only, not link
-// flags), so std::exp / std::tanh become libmvec's vector functions with glibc >= 2.35.
+// `-O3 -ffast-math -fopenmp-simd` (and `-march=native` and `-fopenmp` where accepted; compile flags only,
+// not link flags), so std::exp / std::tanh become libmvec's vector functions with glibc >= 2.35 and
+// at::parallel_for runs on torch's OpenMP threads.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -24,7 +24,8 @@
 // deterministic (no atomics).
 //
 // Speed: the loops over h carry `#pragma omp simd` and the file is compiled with
-// `-O3 -ffast-math -fopenmp-simd` (compile flags only, not link flags, so loading it does not switch
+// `-O3 -ffast-math -fopenmp-simd` (plus `-march=native` and `-fopenmp` where accepted, see
+// seqplat.core.cpp_ext; compile flags only, not link flags, so loading it does not switch
 // the process to flush-denormals mode). With glibc >= 2.35 this turns std::tanh into libmvec's
 // vector tanh; without it the tanh calls stay scalar and the kernel is several times slower.
 
