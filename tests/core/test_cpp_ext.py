@@ -23,6 +23,33 @@ NATIVE_OMP = (*cpp_ext.NATIVE_FLAGS, "-fopenmp")
 PORTABLE_OMP = (*cpp_ext.PORTABLE_FLAGS, "-fopenmp")
 
 
+def test_an_edit_of_a_shared_header_renames_every_build(monkeypatch, tmp_path):
+    (tmp_path / "seqplat_cpu.h").write_text("// one version\n")
+    monkeypatch.setattr(cpp_ext, "INCLUDE_DIR", tmp_path)
+    before = cpp_ext.extension_name("k", SOURCE, cpp_ext.PORTABLE_FLAGS)
+    (tmp_path / "seqplat_cpu.h").write_text("// another version\n")
+    assert cpp_ext.extension_name("k", SOURCE, cpp_ext.PORTABLE_FLAGS) != before
+
+
+def test_resolve_backend_errors_name_the_cell_and_the_fix():
+    import torch
+
+    calls = []
+
+    def load(strict=False):
+        calls.append(strict)
+        return True
+
+    x = torch.zeros(2, 3)
+    assert cpp_ext.resolve_backend("python", x, "mycell", load) == "python" and calls == []
+    assert cpp_ext.resolve_backend("auto", x, "mycell", load) == "cpp"
+    assert cpp_ext.resolve_backend("cpp", x, "mycell", load) == "cpp" and calls == [False, True]
+    assert cpp_ext.resolve_backend("auto", x.half(), "mycell", load) == "python"
+    with pytest.raises(ValueError, match=r"^mycell: backend 'cpp' runs float32/float64 CPU tensors, got "
+                       r"torch.float16 on cpu; use backend 'auto' or 'python'$"):
+        cpp_ext.resolve_backend("cpp", x.half(), "mycell", load)
+
+
 def test_portable_env_skips_the_native_build(monkeypatch):
     monkeypatch.setattr(cpp_ext, "torch_uses_openmp", lambda: True)
     assert cpp_ext.flag_sets() == [NATIVE_OMP, PORTABLE_OMP, cpp_ext.PORTABLE_FLAGS]

@@ -28,10 +28,14 @@ import os
 import platform
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
+
+#: headers every kernel may include (``seqplat_cpu.h``); on the include path and in every build's hash
+INCLUDE_DIR = Path(__file__).with_name("include")
 
 #: compile flags only (never link flags: -ffast-math at link time would set flush-to-zero process-wide)
 PORTABLE_FLAGS: tuple[str, ...] = ("-O3", "-ffast-math", "-fopenmp-simd")
@@ -75,10 +79,13 @@ def flag_sets() -> list[tuple[str, ...]]:
 
 
 def extension_name(prefix: str, source: Path, flags: tuple[str, ...]) -> str:
-    """``<prefix>_<hash>``: the hash covers the source, torch's version, the flags and (for native builds) the CPU."""
+    """``<prefix>_<hash>``: the hash covers the source, the shared headers, torch's version, the flags and (for
+    native builds) the CPU."""
     import torch
 
     key = source.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()
+    for header in sorted(INCLUDE_DIR.glob("*.h")):
+        key += header.read_bytes()
     if "-march=native" in flags:
         key += cpu_fingerprint().encode()
     return f"{prefix}_{hashlib.sha256(key).hexdigest()[:12]}"
@@ -101,6 +108,27 @@ def load_kernel(state: dict[str, Any], source: Path, prefix: str, label: str, ca
 
         raise SeqplatError(f"{label}: the C++ kernel cannot be built ({state['error']}); {fix}")
     return False
+
+
+def resolve_backend(backend: str, x: Any, label: str, load: Callable[..., bool]) -> Literal["cpp", "python"]:
+    """The loop a cell runs for ``x``: ``"cpp"`` (float32/float64 CPU tensors, kernel built) or ``"python"``.
+
+    ``backend`` is the cell's option: ``"python"`` always, ``"cpp"`` or a clear error (another dtype or
+    device: ``ValueError``; no kernel: ``load(strict=True)`` raises), ``"auto"`` whichever runs.
+    ``load`` is the plugin's ``load_cpp_extension``.
+    """
+    import torch
+
+    cpp_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if backend == "python":
+        return "python"
+    if backend == "cpp":
+        if not cpp_ok:
+            raise ValueError(f"{label}: backend 'cpp' runs float32/float64 CPU tensors, got {x.dtype} on {x.device}; "
+                             "use backend 'auto' or 'python'")
+        load(strict=True)
+        return "cpp"
+    return "cpp" if cpp_ok and load() else "python"
 
 
 def build_extension(state: dict[str, Any], source: Path, prefix: str, label: str,
@@ -130,7 +158,8 @@ def build_extension(state: dict[str, Any], source: Path, prefix: str, label: str
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 cpp_extension.load(name=name, sources=[str(source)], build_directory=str(build),
-                                   extra_cflags=list(flags), is_python_module=False, verbose=False)
+                                   extra_cflags=list(flags), extra_include_paths=[str(INCLUDE_DIR)],
+                                   is_python_module=False, verbose=False)
             state["loaded"] = True
             state["flags"] = flags
             return True

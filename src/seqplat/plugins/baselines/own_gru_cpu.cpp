@@ -20,35 +20,22 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "seqplat_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <tuple>
 
 namespace {
 
-// rows per parallel chunk: at least 12k elements of a step's [B, 3H] gate buffer
-int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 12288 / (3 * H)); }
-
-template <typename F>
-inline void for_rows(int64_t B, int64_t grain, const F& f) {
-  if (B < 2 * grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    f(int64_t(0), B);
-    return;
-  }
-  at::parallel_for(0, B, grain, f);
-}
-
-// 1 / (1 + exp(-v)) with v clamped to [-80, 80] (see own_lstm_cpu.cpp)
-template <typename scalar_t>
-inline scalar_t sigmoid(scalar_t v) {
-  const scalar_t c = std::min(std::max(v, scalar_t(-80)), scalar_t(80));
-  return scalar_t(1) / (scalar_t(1) + std::exp(-c));
-}
+using seqplat::for_rows;
+using seqplat::row_grain;
+using seqplat::sigmoid;
 
 template <typename scalar_t>
 void forward_cell(const scalar_t* gh, const scalar_t* xp, const scalar_t* b_hh, const scalar_t* h_prev, scalar_t* act,
                   scalar_t* hn_out, scalar_t* h, int64_t B, int64_t H) {
-  for_rows(B, row_grain(H), [&](int64_t begin, int64_t end) {
+  for_rows(B, row_grain(3 * H, 12288), [&](int64_t begin, int64_t end) {
     for (int64_t r_ = begin; r_ < end; ++r_) {
       const scalar_t* gr = gh + r_ * 3 * H;
       const scalar_t* xr = xp + r_ * 3 * H;
@@ -75,7 +62,7 @@ void forward_cell(const scalar_t* gh, const scalar_t* xp, const scalar_t* b_hh, 
 template <typename scalar_t>
 void backward_cell(const scalar_t* act, const scalar_t* hn_in, const scalar_t* h_prev, const scalar_t* g_y,
                    scalar_t* dh, scalar_t* dxp, scalar_t* dgh, int64_t B, int64_t H) {
-  for_rows(B, row_grain(H), [&](int64_t begin, int64_t end) {
+  for_rows(B, row_grain(3 * H, 12288), [&](int64_t begin, int64_t end) {
     for (int64_t r_ = begin; r_ < end; ++r_) {
       const scalar_t* ar = act + r_ * 3 * H;
       scalar_t* dxr = dxp + r_ * 3 * H;

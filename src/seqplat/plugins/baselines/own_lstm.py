@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from seqplat.core.cpp_ext import load_kernel
+from seqplat.core.cpp_ext import resolve_backend as cpp_resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -191,16 +192,8 @@ class LSTMRecurrence(torch.autograd.Function):
 
 
 def resolve_backend(backend: Backend, x: Tensor) -> Literal["cpp", "python"]:
-    """``cpp`` for float32/float64 CPU tensors when the extension builds (``auto``), else ``python``."""
-    cpp_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-    if backend == "python":
-        return "python"
-    if backend == "cpp":
-        if not cpp_ok:
-            raise ValueError(f"own lstm: backend 'cpp' runs float32/float64 CPU tensors, got {x.dtype} on {x.device}")
-        load_cpp_extension(strict=True)
-        return "cpp"
-    return "cpp" if cpp_ok and load_cpp_extension() else "python"
+    """``cpp`` for float32/float64 CPU tensors when the kernel builds (``auto``), else ``python``."""
+    return cpp_resolve_backend(backend, x, "own lstm", load_cpp_extension)
 
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:

@@ -29,42 +29,23 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "seqplat_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <tuple>
 
 namespace {
 
-// rows per parallel chunk: at least 16k elements of a step's [B, 4H] gate buffer (measured: at B=32, H=256 two
-// threads on 16 rows each beat one thread on 32)
-int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 16384 / (4 * H)); }
-
-// f(begin, end) over the rows [0, B): in parallel chunks of at least `grain` rows when there are two
-// chunks' worth and more than one thread, else called directly (inlined, no parallel-region set-up)
-template <typename F>
-inline void for_rows(int64_t B, int64_t grain, const F& f) {
-  if (B < 2 * grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    f(int64_t(0), B);
-    return;
-  }
-  at::parallel_for(0, B, grain, f);
-}
-
-// 1 / (1 + exp(-v)) with v clamped to [-80, 80]: under -ffast-math an exp that overflows to inf turned
-// the vectorised form into NaN. Near saturation the vector form is within an ulp of 0 or 1 (it gave
-// 1 - 2^-24 at v = 80 where torch gives 1); the tanh form (1 + tanh(v/2))/2 is exact there but made rhn's
-// training step 20% slower.
-template <typename scalar_t>
-inline scalar_t sigmoid(scalar_t v) {
-  const scalar_t c = std::min(std::max(v, scalar_t(-80)), scalar_t(80));
-  return scalar_t(1) / (scalar_t(1) + std::exp(-c));
-}
+using seqplat::for_rows;
+using seqplat::row_grain;
+using seqplat::sigmoid;
 
 // `a` holds W_hh h_{t-1} on entry and the activated gates on exit; `xp` is the hoisted input part of (1)
 template <typename scalar_t>
 void forward_cell(scalar_t* a, const scalar_t* xp, const scalar_t* c_prev, scalar_t* c, scalar_t* tc, scalar_t* h,
                   int64_t B, int64_t H) {
-  for_rows(B, row_grain(H), [&](int64_t begin, int64_t end) {
+  for_rows(B, row_grain(4 * H, 16384), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* ar = a + r * 4 * H;
       const scalar_t* xr = xp + r * 4 * H;
@@ -94,7 +75,7 @@ void forward_cell(scalar_t* a, const scalar_t* xp, const scalar_t* c_prev, scala
 template <typename scalar_t>
 void backward_cell(const scalar_t* a, const scalar_t* c_prev, const scalar_t* tc, const scalar_t* dh_rec,
                    const scalar_t* g_y, scalar_t* dc, scalar_t* da, int64_t B, int64_t H) {
-  for_rows(B, row_grain(H), [&](int64_t begin, int64_t end) {
+  for_rows(B, row_grain(4 * H, 16384), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* ar = a + r * 4 * H;
       scalar_t* dar = da + r * 4 * H;

@@ -28,6 +28,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "seqplat_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <tuple>
@@ -35,28 +37,9 @@
 
 namespace {
 
-// rows per parallel chunk: at least 16k elements of a step's [B, 4H] gate buffer (measured: at B=32, H=256 two
-// threads on 16 rows each beat one thread on 32)
-int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 16384 / (4 * H)); }
-
-template <typename F>
-inline void for_rows(int64_t B, int64_t grain, const F& f) {
-  if (B < 2 * grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    f(int64_t(0), B);
-    return;
-  }
-  at::parallel_for(0, B, grain, f);
-}
-
-// 1 / (1 + exp(-v)) with v clamped to [-80, 80]: under -ffast-math an exp that overflows to inf turned
-// the vectorised form into NaN. Near saturation the vector form is within an ulp of 0 or 1 (it gave
-// 1 - 2^-24 at v = 80 where torch gives 1); the tanh form (1 + tanh(v/2))/2 is exact there but made rhn's
-// training step 20% slower.
-template <typename scalar_t>
-inline scalar_t sigmoid(scalar_t v) {
-  const scalar_t c = std::min(std::max(v, scalar_t(-80)), scalar_t(80));
-  return scalar_t(1) / (scalar_t(1) + std::exp(-c));
-}
+using seqplat::for_rows;
+using seqplat::row_grain;
+using seqplat::sigmoid;
 
 // `z` holds h_{j-1} W_h on entry (xp_j is added here) and the activated i, f, g, o on exit
 template <typename scalar_t>
@@ -66,7 +49,7 @@ void forward_cell(scalar_t* z, const scalar_t* xp, const scalar_t* k, const scal
   const scalar_t* w_ci = peep;
   const scalar_t* w_cf = peep + H;
   const scalar_t* w_co = peep + 2 * H;
-  for_rows(B, row_grain(H), [&](int64_t begin, int64_t end) {
+  for_rows(B, row_grain(4 * H, 16384), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* zr = z + r * 4 * H;
       const scalar_t* xr = xp + r * 4 * H;
@@ -106,7 +89,7 @@ void backward_cell(const scalar_t* act, const scalar_t* ct, const scalar_t* tc, 
   const scalar_t* w_cf = peep + H;
   const scalar_t* w_co = peep + 2 * H;
   const bool clipping = clip >= scalar_t(0);
-  for_rows(B, row_grain(H), [&](int64_t begin, int64_t end) {
+  for_rows(B, row_grain(4 * H, 16384), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* ar = act + r * 4 * H;
       scalar_t* dzr = dz + r * 4 * H;

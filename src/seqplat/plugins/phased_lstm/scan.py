@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import load_kernel
+from seqplat.core.cpp_ext import resolve_backend as cpp_resolve_backend
 
 CPP_SOURCE = Path(__file__).with_name("phased_lstm_cpu.cpp")
 Backend = Literal["auto", "cpp", "python"]
@@ -52,16 +53,7 @@ def cpp_error() -> str | None:
 
 def resolve_backend(backend: Backend, x: Tensor) -> Literal["cpp", "python"]:
     """``cpp`` for float32/float64 CPU tensors when the kernel builds (``auto``), else ``python``."""
-    cpp_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-    if backend == "python":
-        return "python"
-    if backend == "cpp":
-        if not cpp_ok:
-            raise ValueError(f"phased_lstm: backend 'cpp' runs float32/float64 CPU tensors, got {x.dtype} on "
-                             f"{x.device}; use backend 'auto' or 'python'")
-        load_cpp_extension(strict=True)
-        return "cpp"
-    return "cpp" if cpp_ok and load_cpp_extension() else "python"
+    return cpp_resolve_backend(backend, x, "phased_lstm", load_cpp_extension)
 
 
 class PhasedLSTMScanCpp(torch.autograd.Function):

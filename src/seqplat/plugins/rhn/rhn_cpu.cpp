@@ -28,43 +28,26 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "seqplat_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <optional>
 
 namespace {
 
-// rows per parallel chunk: at least 8k elements of a micro-layer's [B, 2n] pre-activation
-int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 8192 / (2 * n)); }
+using seqplat::for_rows;
+using seqplat::row_grain;
+using seqplat::sigmoid;
 
-// 1 / (1 + exp(-v)) with v clamped to [-80, 80]: under -ffast-math an exp that overflows to inf turned
-// the vectorised form into NaN. Near saturation the vector form is within an ulp of 0 or 1 (it gave
-// 1 - 2^-24 at v = 80 where torch gives 1); the tanh form (1 + tanh(v/2))/2 is exact there but made rhn's
-// training step 20% slower.
-template <typename scalar_t>
-inline scalar_t sigmoid(scalar_t v) {
-  const scalar_t c = std::min(std::max(v, scalar_t(-80)), scalar_t(80));
-  return scalar_t(1) / (scalar_t(1) + std::exp(-c));
-}
-
-template <typename F>
-inline void for_rows(int64_t B, int64_t grain, const F& f) {
-  if (B < 2 * grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    f(int64_t(0), B);
-    return;
-  }
-  at::parallel_for(0, B, grain, f);
-}
-
-// `a` holds s_in R^T on entry and [h | t] on exit. Every pointer is valid (the caller passes zeros for
-// xp above layer 1, ones for absent masks and a scratch row block for an unused s_in_next), so the loop
-// has no branches and vectorizes, with the vector tanh/exp.
-// `rs` holds s_in R^T (it is `a` itself without scales).
+// `rs` holds s_in R^T (it is `a` itself without scales); `a` gets [h | t]. Every pointer is valid (the
+// caller passes ones for absent scales and masks, zeros for xp above layer 1 and a scratch row block for
+// an unused s_in_next), so the loop has no branches and vectorizes, with the vector tanh/exp.
 template <typename scalar_t>
 void forward_cell(const scalar_t* rs, scalar_t* a, const scalar_t* z, const scalar_t* xp, const scalar_t* bias,
                   const scalar_t* s, const scalar_t* g, const scalar_t* mask_h, scalar_t* e, scalar_t* s_out,
                   scalar_t* s_in_next, int64_t B, int64_t n) {
-  for_rows(B, row_grain(n), [&](int64_t begin, int64_t end) {
+  for_rows(B, row_grain(2 * n, 8192), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* rr = rs + r * 2 * n;
       scalar_t* ar = a + r * 2 * n;
@@ -94,7 +77,7 @@ void forward_cell(const scalar_t* rs, scalar_t* a, const scalar_t* z, const scal
 template <typename scalar_t>
 void backward_cell(const scalar_t* a, const scalar_t* e, const scalar_t* g, const scalar_t* z, scalar_t* ds,
                    scalar_t* du, scalar_t* drs, int64_t B, int64_t n) {
-  for_rows(B, row_grain(n), [&](int64_t begin, int64_t end) {
+  for_rows(B, row_grain(2 * n, 8192), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* ar = a + r * 2 * n;
       scalar_t* dur = du + r * 2 * n;

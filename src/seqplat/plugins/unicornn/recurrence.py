@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from seqplat.core.cpp_ext import load_kernel
+from seqplat.core.cpp_ext import resolve_backend as cpp_resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +156,8 @@ def cpp_error() -> str | None:
 
 
 def resolve_backend(backend: Backend, x: Tensor) -> Literal["cpp", "python"]:
-    """The backend that will run for ``x``: ``cpp`` needs float32/float64 CPU tensors and a compiler."""
-    cpp_ok_for_x = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-    if backend == "python":
-        return "python"
-    if backend == "cpp":
-        if not cpp_ok_for_x:
-            raise ValueError(
-                f"unicornn: backend 'cpp' runs float32/float64 CPU tensors, got {x.dtype} on {x.device}; "
-                "use backend 'auto' or 'python'"
-            )
-        load_cpp_extension(strict=True)
-        return "cpp"
-    return "cpp" if cpp_ok_for_x and load_cpp_extension() else "python"
+    """``cpp`` for float32/float64 CPU tensors when the kernel builds (``auto``), else ``python``."""
+    return cpp_resolve_backend(backend, x, "unicornn", load_cpp_extension)
 
 
 class ReverseRecomputeScan(torch.autograd.Function):
