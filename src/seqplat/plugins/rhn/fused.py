@@ -63,6 +63,22 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def _loop_buffers(xp: Tensor, weight_hh: Tensor, keep: bool, workspace: Workspace | None,
+                  scaled: bool) -> tuple[Tensor, ...]:
+    """The per-step buffers of both loops: ``s_in [L, K, b, n]``, ``a [L, K, b, 2n]``, ``e [L, K, b, n]`` and,
+    ``scaled``, ``rs [L, K, b, 2n]``; ``K = T`` to keep every step (from ``workspace`` when given), else 1
+    (inference: one step's scratch, reused)."""
+    steps, b = xp.shape[0], xp.shape[1]
+    depth, n = weight_hh.shape[0], weight_hh.shape[2]
+    k_steps = steps if keep else 1
+    shapes = ((depth, k_steps, b, n), (depth, k_steps, b, 2 * n), (depth, k_steps, b, n))
+    if scaled:
+        shapes += ((depth, k_steps, b, 2 * n),)
+    if keep and workspace is not None:
+        return workspace.take(shapes, xp)
+    return tuple(xp.new_empty(shape) for shape in shapes)
+
+
 def rhn_loop_cpp(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h: Tensor | None,
                  mask_g: Tensor | None, keep: bool, workspace: Workspace | None = None,
                  scales: Tensor | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
@@ -72,16 +88,8 @@ def rhn_loop_cpp(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mas
     ``[h | t]`` (not ``sigmoid(2 u_H)``: the C++ loop calls tanh), ``e [L, T, b, n]`` and with
     ``scales`` ``rs [L, T, b, 2n]``; only :class:`RHNRecurrence`'s C++ backward reads them.
     """
-    steps, b = xp.shape[0], xp.shape[1]
-    depth, n = weight_hh.shape[0], weight_hh.shape[2]
-    k_steps = steps if keep else 1
-    shapes = ((depth, k_steps, b, n), (depth, k_steps, b, 2 * n), (depth, k_steps, b, n))
-    if scales is not None:
-        shapes += ((depth, k_steps, b, 2 * n),)
-    if keep and workspace is not None:
-        bufs = workspace.take(shapes, xp)
-    else:
-        bufs = tuple(xp.new_empty(shape) for shape in shapes)
+    steps, b, n = xp.shape[0], xp.shape[1], weight_hh.shape[2]
+    bufs = _loop_buffers(xp, weight_hh, keep, workspace, scales is not None)
     ys = xp.new_empty(steps, b, n)
     s = torch.ops.seqplat_rhn.forward(xp.contiguous(), s0.contiguous(), weight_hh.contiguous(), bias_hh.contiguous(),
                                       _contiguous(mask_h), _contiguous(mask_g), _contiguous(scales), *bufs[:3], ys,
@@ -129,14 +137,7 @@ def rhn_loop(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h:
         z2[..., n:].copy_(scales)
     z2_v = None if z2 is None else [v.unbind(0) for v in z2.unbind(0)]
     ys = xp.new_empty(steps, b, n)
-    k_steps = steps if keep else 1  # inference: one step's scratch, reused
-    shapes = ((depth, k_steps, b, n), (depth, k_steps, b, 2 * n), (depth, k_steps, b, n))
-    if scales is not None:
-        shapes += ((depth, k_steps, b, 2 * n),)
-    if keep and workspace is not None:
-        bufs = workspace.take(shapes, xp)
-    else:
-        bufs = tuple(xp.new_empty(shape) for shape in shapes)
+    bufs = _loop_buffers(xp, weight_hh, keep, workspace, scales is not None)
     s_in_buf, a_buf, e_buf = bufs[:3]
     # per-step views made once (indexing inside the loop would cost a Python call each)
     s_in_v = [v.unbind(0) for v in s_in_buf.unbind(0)]
