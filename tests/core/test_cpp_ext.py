@@ -72,7 +72,7 @@ def test_the_built_kernels_run_their_rows_on_torchs_threads():
     if not recurrence.load_cpp_extension():
         pytest.skip(f"no C++ kernel here: {recurrence.cpp_error()}")
     if cpp_ext.torch_uses_openmp():
-        assert "-fopenmp" in recurrence._EXT["flags"]
+        assert "-fopenmp" in recurrence.KERNEL.state["flags"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 9, 5, generator=g)
     w, d = torch.rand(5, generator=g), torch.rand(5, generator=g) * 0.2

@@ -137,7 +137,7 @@ def test_cpp_and_python_backends_agree_float32():
 
 
 def test_auto_falls_back_to_python_without_a_compiler(monkeypatch):
-    monkeypatch.setattr(own, "_EXT", {"loaded": False, "error": "simulated: no compiler"})
+    monkeypatch.setattr(own.KERNEL, "state", {"loaded": False, "error": "simulated: no compiler"})
     x = torch.randn(2, 3, 4)
     assert own.resolve_backend("auto", x) == "python"
     with pytest.raises(SeqplatError, match=r"lstm \(impl='own'\): the C\+\+ kernel cannot be built"):

@@ -228,7 +228,7 @@ def test_cpp_time_gate_equals_the_formula_with_padding_and_passes_gradcheck():
 
 def test_backend_resolution_and_fallback(monkeypatch):
     x = torch.randn(2, 3, 4)
-    monkeypatch.setattr(scan, "_EXT", {"loaded": False, "error": "simulated: no compiler"})
+    monkeypatch.setattr(scan.KERNEL, "state", {"loaded": False, "error": "simulated: no compiler"})
     assert scan.resolve_backend("auto", x) == "python"
     with pytest.raises(seqplat.SeqplatError, match=r"phased_lstm: the C\+\+ kernel cannot be built \(simulated: no "
                        r"compiler\); cell.backend='cpp' needs it"):

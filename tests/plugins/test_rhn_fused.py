@@ -219,7 +219,7 @@ def test_cpp_loop_equals_the_python_loop(gate):
 
 def test_backend_resolution_and_fallback(monkeypatch):
     x = torch.randn(2, 3, 4)
-    monkeypatch.setattr(fused, "_EXT", {"loaded": False, "error": "simulated: no compiler"})
+    monkeypatch.setattr(fused.KERNEL, "state", {"loaded": False, "error": "simulated: no compiler"})
     assert fused.resolve_backend("auto", x) == "python"
     with pytest.raises(seqplat.SeqplatError, match=r"rhn: the C\+\+ kernel cannot be built \(simulated: no "
                        r"compiler\); cell.backend='cpp' needs it"):

@@ -456,7 +456,7 @@ def test_initialisation_follows_the_authors_code():
 
 def test_backend_fallback_and_errors(monkeypatch):
     x = torch.randn(2, 3, 4)
-    monkeypatch.setattr(recurrence, "_EXT", {"loaded": False, "error": "simulated: no compiler"})
+    monkeypatch.setattr(recurrence.KERNEL, "state", {"loaded": False, "error": "simulated: no compiler"})
     assert recurrence.resolve_backend("auto", x) == "python"
     with pytest.raises(SeqplatError, match=r"unicornn: the C\+\+ kernel cannot be built \(simulated: no compiler\); "
                        r"cell.backend='cpp' needs it"):
@@ -467,7 +467,7 @@ def test_backend_fallback_and_errors(monkeypatch):
 
 
 def test_missing_compiler_falls_back_to_python(monkeypatch):
-    monkeypatch.setattr(recurrence, "_EXT", {"loaded": False, "error": None})
+    monkeypatch.setattr(recurrence.KERNEL, "state", {"loaded": False, "error": None})
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert load_cpp_extension() is False
     assert "no C++ compiler '/nonexistent/c++'" in recurrence.cpp_error()

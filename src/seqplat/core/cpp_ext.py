@@ -131,6 +131,37 @@ def resolve_backend(backend: str, x: Any, label: str, load: Callable[..., bool])
     return "cpp" if cpp_ok and load() else "python"
 
 
+class CppKernel:
+    """One plugin's C++ kernel: built at first use (cached, tuned to this CPU), its failure remembered.
+
+    ``label`` names it in messages, ``fallback`` says what runs without it (logged once) and ``fix``
+    what the user can do (the end of the error with ``strict``). A plugin keeps one per source file and
+    exposes :meth:`load`, :meth:`error` and :meth:`resolve`; ``state`` is ``{"loaded", "error", "flags"}``.
+    """
+
+    def __init__(self, source: Path, prefix: str, label: str, *, fallback: str, fix: str):
+        self.source, self.prefix, self.label = source, prefix, label
+        self.fallback, self.fix = fallback, fix
+        self.state: dict[str, Any] = {"loaded": False, "error": None}
+
+    def load(self, strict: bool = False, cache_dir: Path | None = None) -> bool:
+        """Compile (first use only, 15-60 s) and load the kernel; True when it is usable.
+
+        ``cache_dir`` overrides the cache folder. A failure (no compiler, no ninja, a compile error)
+        is remembered and logged once; with ``strict`` it raises :class:`~seqplat.SeqplatError`.
+        """
+        return load_kernel(self.state, self.source, self.prefix, self.label, cache_dir, strict=strict,
+                           fallback=self.fallback, fix=self.fix)
+
+    def error(self) -> str | None:
+        """Why the kernel is unavailable (None if it loaded or was never tried)."""
+        return self.state["error"]
+
+    def resolve(self, backend: str, x: Any) -> Literal["cpp", "python"]:
+        """:func:`resolve_backend` with this kernel."""
+        return resolve_backend(backend, x, self.label, self.load)
+
+
 def build_extension(state: dict[str, Any], source: Path, prefix: str, label: str,
                     cache_dir: Path | None = None) -> bool:
     """Compile (first use only) and load ``source`` as a torch op library; True when it is loaded.

@@ -22,22 +22,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from seqplat.core.cpp_ext import load_kernel
+from seqplat.core.cpp_ext import CppKernel
 
 CPP_SOURCE = Path(__file__).with_name("own_gru_cpu.cpp")
-_EXT: dict[str, Any] = {"loaded": False, "error": None}
-
-
-def load_cpp_extension(strict: bool = False, cache_dir: Path | None = None) -> bool:
-    """Compile (first use only, 20-60 s) and load the C++ loop; True when it is usable (see :func:`load_kernel`)."""
-    return load_kernel(_EXT, CPP_SOURCE, "seqplat_own_gru_cpu", "gru (impl='own')", cache_dir, strict=strict,
-                       fallback="using torch's fused nn.GRU", fix="install a C++ compiler and ninja, or use "
-                       "cell.impl='fused'")
-
-
-def cpp_error() -> str | None:
-    """Why the C++ loop is unavailable (None if it loaded or was never tried)."""
-    return _EXT["error"]
+KERNEL = CppKernel(CPP_SOURCE, "seqplat_own_gru_cpu", "gru (impl='own')",
+                   fallback="using torch's fused nn.GRU",
+                   fix="install a C++ compiler and ninja, or use cell.impl='fused'")
+load_cpp_extension = KERNEL.load  # compile at first use (cached); True when usable, strict=True raises
+cpp_error = KERNEL.error  # why the kernel is unavailable, or None
 
 
 def usable(x: Tensor) -> bool:

@@ -35,8 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from seqplat.core.cpp_ext import load_kernel
-from seqplat.core.cpp_ext import resolve_backend as cpp_resolve_backend
+from seqplat.core.cpp_ext import CppKernel
 
 log = logging.getLogger(__name__)
 
@@ -130,25 +129,11 @@ def python_backward(gates: Tensor, hs: Tensor, cs: Tensor, tcs: Tensor, w_hh: Te
 
 # -- the C++ loop --------------------------------------------------------------------------------
 
-_EXT: dict[str, Any] = {"loaded": False, "error": None}
-
-
-def load_cpp_extension(strict: bool = False, cache_dir: Path | None = None) -> bool:
-    """Compile (first use only, 20-60 s) and load the C++ loop; True when it is usable.
-
-    The build is cached and tuned to this CPU (:mod:`seqplat.core.cpp_ext`); ``cache_dir`` overrides
-    the cache folder. A failure (no compiler, no ninja, a compile error) is remembered and logged
-    once; with ``strict`` it raises :class:`~seqplat.SeqplatError` instead.
-    """
-    return load_kernel(_EXT, CPP_SOURCE, "seqplat_own_lstm_cpu", "lstm (impl='own')", cache_dir, strict=strict,
-                       fallback="using the PyTorch loop",
-                       fix="backend 'cpp' needs it: install a C++ compiler and ninja, or use backend "
-                       "'auto' or 'python'")
-
-
-def cpp_error() -> str | None:
-    """Why the C++ loop is unavailable (None if it loaded or was never tried)."""
-    return _EXT["error"]
+KERNEL = CppKernel(CPP_SOURCE, "seqplat_own_lstm_cpu", "lstm (impl='own')",
+                   fallback="using the PyTorch loop",
+                   fix="backend 'cpp' needs it: install a C++ compiler and ninja, or use backend 'auto' or 'python'")
+load_cpp_extension = KERNEL.load  # compile at first use (cached); True when usable, strict=True raises
+cpp_error = KERNEL.error  # why the kernel is unavailable, or None
 
 
 def cpp_ops() -> Any:
@@ -191,9 +176,7 @@ class LSTMRecurrence(torch.autograd.Function):
                 gc0 if needs[3] else None, None)
 
 
-def resolve_backend(backend: Backend, x: Tensor) -> Literal["cpp", "python"]:
-    """``cpp`` for float32/float64 CPU tensors when the kernel builds (``auto``), else ``python``."""
-    return cpp_resolve_backend(backend, x, "own lstm", load_cpp_extension)
+resolve_backend = KERNEL.resolve  # "cpp" or "python" for a cell's backend option and an input
 
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:

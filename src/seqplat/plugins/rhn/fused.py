@@ -32,31 +32,20 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from seqplat.core.cpp_ext import load_kernel
-from seqplat.core.cpp_ext import resolve_backend as cpp_resolve_backend
+from seqplat.core.cpp_ext import CppKernel
 from seqplat.core.workspace import Workspace
 
 CPP_SOURCE = Path(__file__).with_name("rhn_cpu.cpp")
 Backend = Literal["auto", "cpp", "python"]
-_EXT: dict[str, Any] = {"loaded": False, "error": None}
+KERNEL = CppKernel(CPP_SOURCE, "seqplat_rhn_cpu", "rhn",
+                   fallback="using the PyTorch loop",
+                   fix="cell.backend='cpp' needs it: install a C++ compiler and ninja, or set "
+                   "cell.backend=auto or python")
+load_cpp_extension = KERNEL.load  # compile at first use (cached); True when usable, strict=True raises
+cpp_error = KERNEL.error  # why the kernel is unavailable, or None
 
 
-def load_cpp_extension(strict: bool = False, cache_dir: Path | None = None) -> bool:
-    """Compile (first use only, 20-60 s) and load ``rhn_cpu.cpp``; True when it is usable (see :func:`load_kernel`)."""
-    return load_kernel(_EXT, CPP_SOURCE, "seqplat_rhn_cpu", "rhn", cache_dir, strict=strict,
-                       fallback="using the PyTorch loop",
-                       fix="cell.backend='cpp' needs it: install a C++ compiler and ninja, or set "
-                       "cell.backend=auto or python")
-
-
-def cpp_error() -> str | None:
-    """Why the C++ loop is unavailable (None if it loaded or was never tried)."""
-    return _EXT["error"]
-
-
-def resolve_backend(backend: Backend, x: Tensor) -> Literal["cpp", "python"]:
-    """``cpp`` for float32/float64 CPU tensors when the kernel builds (``auto``), else ``python``."""
-    return cpp_resolve_backend(backend, x, "rhn", load_cpp_extension)
+resolve_backend = KERNEL.resolve  # "cpp" or "python" for a cell's backend option and an input
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:

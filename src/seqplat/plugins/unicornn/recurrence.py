@@ -37,8 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from seqplat.core.cpp_ext import load_kernel
-from seqplat.core.cpp_ext import resolve_backend as cpp_resolve_backend
+from seqplat.core.cpp_ext import CppKernel
 
 log = logging.getLogger(__name__)
 
@@ -134,30 +133,15 @@ def python_backward(x: Tensor, w: Tensor, delta: Tensor, yT: Tensor, zT: Tensor,
 
 # -- the C++ backend ----------------------------------------------------------------------------
 
-_EXT: dict[str, Any] = {"loaded": False, "error": None}
+KERNEL = CppKernel(CPP_SOURCE, "seqplat_unicornn_cpu", "unicornn",
+                   fallback="using the PyTorch backend",
+                   fix="cell.backend='cpp' needs it: install a C++ compiler and ninja, or set "
+                   "cell.backend=auto or python")
+load_cpp_extension = KERNEL.load  # compile at first use (cached); True when usable, strict=True raises
+cpp_error = KERNEL.error  # why the kernel is unavailable, or None
 
 
-def load_cpp_extension(strict: bool = False, cache_dir: Path | None = None) -> bool:
-    """Compile (first use only, about 15 s) and load the C++ kernel; True when it is usable.
-
-    The build is cached and tuned to this CPU (see :mod:`seqplat.core.cpp_ext`); ``cache_dir``
-    overrides the cache folder. Failures (no compiler, no ninja, a compile error) are remembered
-    and logged once; with ``strict`` they raise :class:`~seqplat.SeqplatError` instead.
-    """
-    return load_kernel(_EXT, CPP_SOURCE, "seqplat_unicornn_cpu", "unicornn", cache_dir, strict=strict,
-                       fallback="using the PyTorch backend",
-                       fix="cell.backend='cpp' needs it: install a C++ compiler and ninja, or set "
-                       "cell.backend=auto or python")
-
-
-def cpp_error() -> str | None:
-    """Why the C++ kernel is unavailable (None if it loaded or was never tried)."""
-    return _EXT["error"]
-
-
-def resolve_backend(backend: Backend, x: Tensor) -> Literal["cpp", "python"]:
-    """``cpp`` for float32/float64 CPU tensors when the kernel builds (``auto``), else ``python``."""
-    return cpp_resolve_backend(backend, x, "unicornn", load_cpp_extension)
+resolve_backend = KERNEL.resolve  # "cpp" or "python" for a cell's backend option and an input
 
 
 class ReverseRecomputeScan(torch.autograd.Function):
