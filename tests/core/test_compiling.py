@@ -10,7 +10,7 @@ from torch import nn
 
 from seqplat import CellConfig, StepCell
 from seqplat.core.cell import Cell
-from seqplat.core.compiling import apply_compile, compile_steps
+from seqplat.core.compiling import StepDispatch, apply_compile, compile_steps
 from seqplat.core.config import TrainConfig
 from seqplat.core.train import train
 
@@ -118,12 +118,36 @@ def test_step_mode_gives_the_eager_outputs_and_gradients():
     calls: list[str] = []
     compiled = compile_steps(cell, _counting_compiler(calls))
     y1, h1 = cell(x)
-    assert calls.count("run") == 7  # the loop called the compiled step once per time step
+    # steps 0 (initial state without gradient) and 1 (the first call with the training signature)
+    # run eagerly, steps 2-6 compiled
+    assert calls.count("run") == 5
     g1 = torch.autograd.grad(y1.square().sum(), list(cell.parameters()))
     torch.testing.assert_close((y1, h1, g1), (y0, h0, g0))
     with compiled.suspended():  # e.g. under a FLOP counter: the eager method again
         cell(x)
-    assert calls.count("run") == 7 and "step" in vars(cell)
+    assert calls.count("run") == 5 and "step" in vars(cell)
+    cell(x)  # a second sequence: only its first step runs eagerly
+    assert calls.count("run") == 11
+
+
+def test_step_dispatch_compiles_only_signatures_seen_twice_in_a_row():
+    """The first step of each sequence (a state needing no gradient) never gets a compiled graph of its own."""
+    compiled_keys: list[tuple[bool, ...]] = []
+    eager_keys: list[tuple[bool, ...]] = []
+    step = StepDispatch(lambda *a: eager_keys.append(StepDispatch.signature(a, {})),
+                        lambda *a: compiled_keys.append(StepDispatch.signature(a, {})))
+    w = torch.ones(2, requires_grad=True)
+    fresh, carried = torch.zeros(2), torch.zeros(2) * w
+    for _ in range(3):  # three training sequences of four steps
+        step(w, fresh)
+        for _ in range(3):
+            step(w, carried)
+    with torch.no_grad():
+        for _ in range(4):
+            step(w, fresh)
+    assert eager_keys == [(True, True, False), (True, True, True), (True, True, False), (True, True, False),
+                          (False, True, False)]
+    assert set(compiled_keys) == {(True, True, True), (False, True, False)} and len(compiled_keys) == 2 + 3 + 3 + 3
 
 
 def test_compile_setting_reads_the_old_booleans_and_refuses_unknown_modes():
@@ -153,10 +177,12 @@ def test_step_mode_under_torch_compile_does_not_recompile_for_a_longer_sequence(
     x = torch.randn(2, 40, 3)
     ref = cell(x)[0]
     compiled = compile_steps(cell)
-    y5 = cell(x[:, :5])[0]
     frames = counters["stats"]["unique_graphs"]
+    y5 = cell(x[:, :5])[0]
+    # one graph: the first step (initial state without gradient) runs eagerly, not compiled on its own
+    assert counters["stats"]["unique_graphs"] == frames + 1
     y40 = cell(x)[0]
-    assert counters["stats"]["unique_graphs"] == frames >= 1
+    assert counters["stats"]["unique_graphs"] == frames + 1
     torch.testing.assert_close(y5, ref[:, :5])
     torch.testing.assert_close(y40, ref)
     compiled.restore()
@@ -188,4 +214,4 @@ def test_rhn_cells_name_the_per_step_method_their_own_loop_calls(name):
     compiled = compile_steps(cell, _counting_compiler(calls))
     assert compiled.names == [""] and calls[0].endswith("._step")
     torch.testing.assert_close(cell(x)[0], ref)
-    assert calls.count("run") == 5
+    assert calls.count("run") == 3  # steps 2-4: the first two run eagerly (see StepDispatch)

@@ -16,6 +16,13 @@
   that advances its inner cells with ``step`` itself (``Cell.drives_inner_steps``: sab) gets its
   inner cells' steps compiled, fused-kernel cells included. Cells without a step to compile (fused
   kernels run through their fast path, custom sequence kernels) stay as they are.
+
+  A sequence's first step differs from the others in which tensors require gradients (the initial
+  state does not, every later state does), and Dynamo would compile a graph for it alone: a third
+  of fs_rnn's compile time for one step in T. :class:`StepDispatch` therefore runs a call eagerly
+  unless the call before it had the same signature (grad mode and the ``requires_grad`` of every
+  tensor argument); a signature seen twice in a row is compiled and from then on always runs
+  compiled. Training compiles one graph (forward and backward), evaluation one more.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, get_args
 
+import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .cell import Cell, StepCell
 
@@ -76,6 +85,36 @@ class CompiledSteps:
                 cell.use_fast_path = fast
 
 
+class StepDispatch:
+    """A cell's step that calls ``compiled`` for a signature seen on two calls in a row, else ``eager``.
+
+    The signature of a call is the grad mode and the ``requires_grad`` flag of each tensor argument
+    (what Dynamo guards on besides shapes). The first step of every sequence (an initial state that
+    needs no gradient) runs eagerly instead of costing a compile of its own.
+    """
+
+    def __init__(self, eager: Callable[..., Any], compiled: Callable[..., Any]):
+        self.eager, self.compiled = eager, compiled
+        self.ready: set[tuple[bool, ...]] = set()  #: signatures that run compiled
+        self.last: tuple[bool, ...] | None = None
+        self.__wrapped__ = eager
+
+    @staticmethod
+    def signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, ...]:
+        flags = [t.requires_grad for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        return (torch.is_grad_enabled(), *flags)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = self.signature(args, kwargs)
+        if key not in self.ready:
+            if key != self.last:
+                self.last = key
+                return self.eager(*args, **kwargs)
+            self.ready.add(key)
+        self.last = key
+        return self.compiled(*args, **kwargs)
+
+
 def compile_steps(model: nn.Module, compiler: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
                   ) -> CompiledSteps:
     """Compile the one-step function of the outermost cells of ``model`` that have one (``step`` mode).
@@ -101,7 +140,8 @@ def compile_steps(model: nn.Module, compiler: Callable[[Callable[..., Any]], Cal
         if attr is None:
             continue
         done.entries.append((name, module, attr, module.use_fast_path))
-        module.__dict__[attr] = compiler(getattr(module, attr))
+        eager = getattr(module, attr)
+        module.__dict__[attr] = StepDispatch(eager, compiler(eager))
         module.use_fast_path = False
     return done
 
