@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include "seqplat_cpu.h"
+#include "seqplat_gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -108,11 +109,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> own_gru_forward(const at::Tensor&
   at::Tensor gh = at::empty({B, 3 * H}, xp.options());
   hs[0].copy_(h0);
   const at::Tensor w_t = w_hh.t();
+  const seqplat::StepMatrix wm = seqplat::prepare(w_t);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "own_gru_forward", [&] {
     scalar_t* hs_p = hs.mutable_data_ptr<scalar_t>();
     const int64_t s1 = B * H, s3 = B * 3 * H;
     for (int64_t t = 0; t < T; ++t) {
-      at::mm_out(gh, hs[t], w_t);  // W_hh h_{t-1}
+      seqplat::mm_into(gh, hs[t], wm);  // W_hh h_{t-1}
       forward_cell<scalar_t>(gh.const_data_ptr<scalar_t>(), xp.const_data_ptr<scalar_t>() + t * s3,
                              b_hh.const_data_ptr<scalar_t>(), hs_p + t * s1, act.mutable_data_ptr<scalar_t>() + t * s3,
                              hn.mutable_data_ptr<scalar_t>() + t * s1, hs_p + (t + 1) * s1, B, H);
@@ -128,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> own_gru_backward(const at::Tensor
   const int64_t T = act.size(0), B = act.size(1), H = act.size(2) / 3;
   TORCH_CHECK(T >= 1, "own gru: the backward pass needs at least one step");
   const at::Tensor w_hh = w_hh_in.contiguous();
+  const seqplat::StepMatrix wb = seqplat::prepare(w_hh);
   const at::Tensor g_y = g_y_in.to(act.scalar_type()).contiguous();
   at::Tensor dxp = at::empty_like(act);
   at::Tensor dgh = at::empty_like(act);
@@ -139,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> own_gru_backward(const at::Tensor
                               hs.const_data_ptr<scalar_t>() + t * s1, g_y.const_data_ptr<scalar_t>() + t * s1,
                               dh.mutable_data_ptr<scalar_t>(), dxp.mutable_data_ptr<scalar_t>() + t * s3,
                               dgh.mutable_data_ptr<scalar_t>() + t * s3, B, H);
-      dh.addmm_(dgh[t], w_hh);  // dh_{t-1} = z dh_t + dgh W_hh
+      seqplat::addmm_into(dh, dgh[t], wb);  // dh_{t-1} = z dh_t + dgh W_hh
     }
   });
   return {dxp, dgh, dh};

@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include "seqplat_cpu.h"
+#include "seqplat_gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -125,10 +126,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_forward(cons
   hs[0].copy_(h0);
   cs[0].copy_(c0);
   const at::Tensor w_t = w_hh.t();  // [H, 4H]
+  const seqplat::StepMatrix wm = seqplat::prepare(w_t);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "own_lstm_forward", [&] {
     for (int64_t t = 0; t < T; ++t) {
       at::Tensor a = gates[t];
-      at::mm_out(a, hs[t], w_t);  // (1) W_hh h_{t-1} (xp_t is added in forward_cell)
+      seqplat::mm_into(a, hs[t], wm);  // (1) W_hh h_{t-1} (xp_t is added in forward_cell)
       forward_cell<scalar_t>(a.mutable_data_ptr<scalar_t>(), xp[t].const_data_ptr<scalar_t>(),
                              cs[t].const_data_ptr<scalar_t>(),
                              cs[t + 1].mutable_data_ptr<scalar_t>(), tcs[t].mutable_data_ptr<scalar_t>(),
@@ -148,6 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_backward(
   at::Tensor da_all = at::empty_like(gates);
   at::Tensor dh = g_hT.to(gates.scalar_type()).clone().contiguous();  // dh_T without g_y[T-1]
   at::Tensor dc = g_cT.to(gates.scalar_type()).clone().contiguous();
+  const seqplat::StepMatrix wb = seqplat::prepare(w_hh);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "own_lstm_backward", [&] {
     for (int64_t t = T - 1; t >= 0; --t) {
       at::Tensor da = da_all[t];
@@ -156,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_backward(
                               g_y[t].const_data_ptr<scalar_t>(), dc.mutable_data_ptr<scalar_t>(),
                               da.mutable_data_ptr<scalar_t>(), B, H);
       // (1) a = xp_t + W_hh h_{t-1}: dh_{t-1} = d a_t W_hh (g_y[t-1] is added in the next backward_cell)
-      at::mm_out(dh, da, w_hh);
+      seqplat::mm_into(dh, da, wb);
     }
   });
   // (1) a = xp_t + W_hh h_{t-1}: grad W_hh = sum_t d a_t^T h_{t-1}, one GEMM over all T*B rows

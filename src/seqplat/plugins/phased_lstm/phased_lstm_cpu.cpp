@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include "seqplat_cpu.h"
+#include "seqplat_gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -155,6 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> phased_fo
   const int64_t T = xp.size(0), B = xp.size(1), H = xp.size(2) / 4;
   at::Tensor acts = at::empty_like(xp);
   at::Tensor hs = at::empty({T + 1, B, H}, xp.options());
+  const seqplat::StepMatrix wf = seqplat::prepare(w_hh);
   at::Tensor cs = at::empty({T + 1, B, H}, xp.options());
   at::Tensor ct = at::empty({T, B, H}, xp.options());
   at::Tensor tc = at::empty({T, B, H}, xp.options());
@@ -172,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> phased_fo
     const int64_t s4 = B * 4 * H, s1 = B * H;
     for (int64_t j = 0; j < T; ++j) {
       at::Tensor z = acts[j];
-      at::mm_out(z, hs[j], w_hh);  // h_{j-1} W_h of (L1)
+      seqplat::mm_into(z, hs[j], wf);  // h_{j-1} W_h of (L1)
       forward_cell<scalar_t>(a_p + j * s4, xp_p + j * s4, k_p + j * s1, cs_p + j * s1, hs_p + j * s1,
                              peep.const_data_ptr<scalar_t>(), cs_p + (j + 1) * s1, ct_p + j * s1, tc_p + j * s1,
                              hs_p + (j + 1) * s1, B, H);
@@ -196,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> phased_ba
   at::Tensor dk = at::empty_like(k);
   at::Tensor dh = at::zeros({B, H}, acts.options());
   at::Tensor dc = gc_in.to(dtype).clone().contiguous();
+  const seqplat::StepMatrix wb = seqplat::prepare(w_t);
   AT_DISPATCH_FLOATING_TYPES(dtype, "phased_backward", [&] {
     const scalar_t* a_p = acts.const_data_ptr<scalar_t>();
     const scalar_t* hs_p = hs.const_data_ptr<scalar_t>();
@@ -213,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> phased_ba
                               k_p + j * s1, gy_p + j * s1, peep.const_data_ptr<scalar_t>(),
                               dh.mutable_data_ptr<scalar_t>(), dc.mutable_data_ptr<scalar_t>(), dz_p + j * s4,
                               dzc_p + j * s4, dk_p + j * s1, static_cast<scalar_t>(clip), B, H);
-      dh.addmm_(dzc[j], w_t);  // (L1): dh_{j-1} = (1 - k) dh_j + dz W_h^T
+      seqplat::addmm_into(dh, dzc[j], wb);  // (L1): dh_{j-1} = (1 - k) dh_j + dz W_h^T
     }
   });
   return {dz, dzc, dk, dh, dc};

@@ -29,10 +29,12 @@
 #include <torch/library.h>
 
 #include "seqplat_cpu.h"
+#include "seqplat_gemm.h"
 
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <vector>
 
 namespace {
 
@@ -151,6 +153,8 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
   at::Tensor scratch = at::empty({3, B, n}, xp.options());  // s^l of inner layers nothing keeps; a dump row block
   at::Tensor ones = at::ones({B, n}, xp.options());         // the mask that is absent
   at::Tensor zeros = at::zeros({B, 2 * n}, xp.options());   // xp above micro-layer 1
+  std::vector<seqplat::StepMatrix> wf;
+  for (int64_t l = 0; l < L; ++l) wf.push_back(seqplat::prepare(w[l].t()));
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "rhn_forward", [&] {
     const scalar_t* mh = mask_h ? mask_h->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* mg = mask_g ? mask_g->const_data_ptr<scalar_t>() : nullptr;
@@ -177,7 +181,7 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
       for (int64_t l = 0; l < L; ++l) {
         const int64_t buf = l * K + k;  // [l, k] of the [L, K, ...] buffers
         at::Tensor mm_lk = rs ? (*rs)[l][k] : a[l][k];
-        at::mm_out(mm_lk, s_in[l][k], w[l].t());  // s_in R_l^T
+        seqplat::mm_into(mm_lk, s_in[l][k], wf[l]);  // s_in R_l^T
         scalar_t* s_out;
         scalar_t* s_in_next = nullptr;
         if (l == L - 1) {
@@ -217,6 +221,8 @@ at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& ma
   at::Tensor ds = ds_in.to(a.scalar_type()).clone().contiguous();
   at::Tensor tmp = mask_h ? at::empty({B, n}, a.options()) : at::Tensor();
   at::Tensor ones = at::ones({B, n}, a.options());  // the gate mask that is absent (a branch-free loop)
+  std::vector<seqplat::StepMatrix> wb;
+  for (int64_t l = 0; l < L; ++l) wb.push_back(seqplat::prepare(w[l]));
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "rhn_backward", [&] {
     const scalar_t* mh = mask_h ? mask_h->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* mg = mask_g ? mask_g->const_data_ptr<scalar_t>() : nullptr;
@@ -241,9 +247,9 @@ at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& ma
                                 n);
         at::Tensor du_lj = drs ? (*drs)[l][j] : du[l][j];  // what reaches s_in R^T
         if (mh == nullptr) {
-          ds.addmm_(du_lj, w[l]);  // s_in = s: dL/ds += du R_l
+          seqplat::addmm_into(ds, du_lj, wb[l]);  // s_in = s: dL/ds += du R_l
         } else {
-          at::mm_out(tmp, du_lj, w[l]);  // s_in = s m_h: dL/ds += (du R_l) m_h
+          seqplat::mm_into(tmp, du_lj, wb[l]);  // s_in = s m_h: dL/ds += (du R_l) m_h
           const scalar_t* tp = tmp.const_data_ptr<scalar_t>();
           for (int64_t i = 0; i < s1; ++i) ds_p[i] += tp[i] * mh[i];
         }
