@@ -10,23 +10,28 @@ import torch
 from seqplat import build_cell
 from seqplat.core.cpp_ext import extension_cache_dir
 from seqplat.plugins.baselines import own_gru, own_lstm
+from seqplat.plugins.fs_rnn import fused as fs_fused
 from seqplat.plugins.phased_lstm import scan as phased_scan
 from seqplat.plugins.rhn import fused as rhn_fused
 
 EXT_CACHE = extension_cache_dir()  # the user's cache, read before conftest isolates SEQPLAT_CACHE
 
-# recurrent matrices of at least 2^20 elements (the oneDNN threshold): 4*512*512, 3*600*600, 2*725*725
+# recurrent matrices of at least 2^20 elements (the oneDNN threshold): 4*512*512, 3*600*600, 2*725*725;
+# fs_rnn's F1 W_h 4*512*512 (the others [W_x | W_h] 4*512*1024)
+_LN = {"name": "ln_lstm", "hidden_size": 512, "zoneout_keep_h": 0.9, "zoneout_keep_c": 0.5}
 CASES = {
     "lstm_own": ({"name": "lstm", "impl": "own", "hidden_size": 512}, own_lstm),
     "gru_own": ({"name": "gru", "impl": "own", "hidden_size": 600}, own_gru),
     "rhn": ({"name": "rhn", "hidden_size": 725, "depth": 2}, rhn_fused),
     "phased_lstm": ({"name": "phased_lstm", "hidden_size": 512}, phased_scan),
+    "fs_rnn": ({"name": "fs_rnn", "fast": _LN, "slow": _LN, "num_fast": 3}, fs_fused),
 }
 
 
 def _outputs_and_grads(cell, x, times, fast: bool) -> list[torch.Tensor]:
     cell.use_fast_path = fast
     cell.zero_grad()
+    torch.manual_seed(1)  # the same zoneout and dropout masks on every path
     xg = x.clone().requires_grad_()
     y, _ = cell(xg, times=times) if times is not None else cell(xg)
     (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
@@ -49,5 +54,10 @@ def test_both_routes_of_the_step_product_give_the_reference_outputs_and_gradient
         monkeypatch.setenv("SEQPLAT_STEP_GEMM", route)  # read by the kernel once per call
         got[route] = _outputs_and_grads(cell, x, times, fast=True)
     for route, values in got.items():
-        for a, b in zip(values, ref, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=lambda m, r=route: f"{case} {r}: {m}")
+        for i, (a, b) in enumerate(zip(values, ref, strict=True)):
+            if a is None or b is None:  # unused here (fs_rnn's F3 input matrix reads zeros: no gradient, or 0)
+                assert all(v is None or not v.any() for v in (a, b)), f"{case} {route}: gradient {i} on one path only"
+                continue
+            # relative to the tensor's norm: float32 rounding, amplified in places by fs_rnn's layer norms
+            err = ((a - b).norm() / b.norm()).item()
+            assert err < 2e-5, f"{case} {route}: output/gradient {i} differs from the reference path by {err:.2e}"

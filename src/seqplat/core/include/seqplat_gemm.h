@@ -83,6 +83,15 @@ inline void mm_into(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
   }
 }
 
+// out = c + x @ m (c broadcast to out's shape: a bias row or another [rows, out] block)
+inline void affine_into(at::Tensor& out, const at::Tensor& c, const at::Tensor& x, const StepMatrix& s) {
+  if (s.onednn) {
+    at::add_out(out, c, product(x, s));
+  } else {
+    at::addmm_out(out, c, x, s.m);
+  }
+}
+
 // out += x @ m
 inline void addmm_into(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
   if (s.onednn) {

@@ -20,7 +20,7 @@ fast state handed from one fast cell to the next. The state is ``(fast_state, sl
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from seqplat.core.cell import Cell, State, flatten_state
 from seqplat.core.config import format_validation_error
 from seqplat.core.errors import SeqplatError
 
-from .fused import FSLNLSTMRecurrence, FusedPlan, draw_masks
+from .fused import FSLNLSTMRecurrence, FusedPlan, cpp_loop, draw_masks, resolve_backend
 from .ln_lstm import LNLSTMCell
 from .zoneout import combine_keep
 
@@ -93,6 +93,11 @@ class FSRNNConfig(CellConfig):
         "matrix each, counted in the parameters); 0 builds them without input (the inner cell must accept "
         "input_size 0, as ln_lstm does)",
     )
+    backend: Literal["auto", "cpp", "python"] = Field(
+        "auto", description="time loop with ln_lstm inner cells (the fused training path, and inference): 'cpp' "
+        "(C++ kernel fs_rnn_cpu.cpp, built at first use), 'python' (torch ops, any device), 'auto' (cpp for "
+        "float32/float64 CPU inputs when a compiler is present, else python)"
+    )
 
     @field_validator("fast", "slow", mode="before")
     @classmethod
@@ -109,7 +114,7 @@ class FSRNNCell(StepCell):
     once per sequence, F1's input product hoisted out of the time loop and the zero inputs of
     F3..Fk skipped. When every inner cell is an ``ln_lstm`` and gradients are on, ``fast_forward``
     runs the loop through :class:`~.fused.FSLNLSTMRecurrence` (hand-written backward, one
-    weight-gradient GEMM per matrix).
+    weight-gradient GEMM per matrix), in C++ or in torch ops as ``config.backend`` says.
     """
 
     config_class = FSRNNConfig
@@ -220,9 +225,15 @@ class FSRNNCell(StepCell):
     def fast_forward(self, x: Tensor, state: State, *, times: Tensor | None = None) -> tuple[Tensor, State]:
         """Same equations with sequence-level dropout at the input and output, F1's input product
         hoisted out of the loop, LN4's shift and transposed weights prepared once, and the zero inputs of
-        F3..Fk skipped, for inner cells that offer ``plan_steps`` (``ln_lstm``); others use ``step``."""
-        if self.explicit_backward and torch.is_grad_enabled() and self._fusable():
-            return self._fused_forward(x, state)
+        F3..Fk skipped, for inner cells that offer ``plan_steps`` (``ln_lstm``); others use ``step``.
+        With every inner cell an ``ln_lstm``: with gradients the fused path (:meth:`_fused_forward`),
+        without them the C++ forward loop alone when ``config.backend`` resolves to ``cpp``."""
+        if self._fusable():
+            if torch.is_grad_enabled():
+                if self.explicit_backward:
+                    return self._fused_forward(x, state)
+            elif resolve_backend(self.config.backend, x) == "cpp":  # inference: the C++ loop, nothing kept
+                return self._fused_forward(x, state, infer=True)
         fast_state, slow_state = state
         f1, f2, *rest = self.fast_cells
         zeros = x.new_zeros(x.shape[0], self.config.inputless_width)
@@ -252,9 +263,10 @@ class FSRNNCell(StepCell):
         return (all(type(c) is LNLSTMCell and not c.activation_quantizers for c in cells)
                 and self.fast_cells[0].weight_x is not None)  # type: ignore[union-attr]
 
-    def _fused_forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        """:meth:`fast_forward` through :class:`~.fused.FSLNLSTMRecurrence`. Site 1 dropout first, then
-        every zoneout and dropout mask drawn up front in the order the planned loop draws them."""
+    def _fused_forward(self, x: Tensor, state: State, infer: bool = False) -> tuple[Tensor, State]:
+        """:meth:`fast_forward` through :class:`~.fused.FSLNLSTMRecurrence` (``infer``: through the C++
+        forward loop alone, which keeps one step's buffers). Site 1 dropout first, then every zoneout and
+        dropout mask drawn up front in the order the planned loop draws them."""
         (h_f, c_f), (h_s, c_s) = state
         f1, f2, *rest = self.fast_cells
         slow = self.slow_cell
@@ -274,8 +286,12 @@ class FSRNNCell(StepCell):
             else:  # F1 (input product hoisted into xp) and the input-less F3..Fk
                 w, bias = c.weight_h, (None if i == 0 else c.bias)
             params += [w, bias, c.ln_gain, c._shift_with_forget_bias(), c.ln_c_gain, c.ln_c_shift]
-        plan = FusedPlan(self.config.num_fast, [c.config.ln_eps for c in cells], zone, drop2, drop3)
-        ys, h_f, c_f, h_s, c_s = FSLNLSTMRecurrence.apply(xp, h_f, c_f, h_s, c_s, plan, *params)
+        plan = FusedPlan(self.config.num_fast, [c.config.ln_eps for c in cells], zone, drop2, drop3,
+                         resolve_backend(self.config.backend, xp))
+        if infer:
+            ys, h_f, c_f, h_s, c_s = cpp_loop(xp, h_f, c_f, h_s, c_s, plan, params)[0]
+        else:
+            ys, h_f, c_f, h_s, c_s = FSLNLSTMRecurrence.apply(xp, h_f, c_f, h_s, c_s, plan, *params)
         y = ys.transpose(0, 1)
         if self.training and p > 0:  # batch-major like the planned path, so site 4 draws its mask alike
             y = y.contiguous()

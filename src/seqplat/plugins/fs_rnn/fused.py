@@ -20,18 +20,38 @@ of ``FSRNNCell.fast_forward`` (per step: F1 h, F1 c, site 2, S h, S c, site 3, F
 so with the same seed the fused path draws the same masks as the planned path (and, without dropout,
 as the reference ``step``). Tests compare it with the reference on outputs and every gradient and
 ``gradcheck`` it in float64.
+
+Backends: the loops above are the reference (``backend="python"``, any device). ``fs_rnn_cpu.cpp`` runs
+the same two loops in C++ (``backend="cpp"``, CPU float32/float64, built at first use): per step and cell
+one ATen GEMM and one fused pass per batch row (LN4, gates, cell update, LN_c, output, zoneout) forward,
+and one fused pass (both layer-norm backwards by hand) plus one GEMM backward, the whole time loop in one
+call per direction. Tests pin it to the python loop on outputs and every gradient
+(``tests/plugins/test_fs_rnn_cpp.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqplat.core.cpp_ext import CppKernel
+
 _aten = torch.ops.aten
+
+CPP_SOURCE = Path(__file__).with_name("fs_rnn_cpu.cpp")
+Backend = Literal["auto", "cpp", "python"]
+KERNEL = CppKernel(CPP_SOURCE, "seqplat_fs_rnn_cpu", "fs_rnn",
+                   fallback="using the PyTorch loop",
+                   fix="cell.backend='cpp' needs it: install a C++ compiler and ninja, or set "
+                   "cell.backend=auto or python")
+load_cpp_extension = KERNEL.load  # compile at first use (cached); True when usable, strict=True raises
+cpp_error = KERNEL.error  # why the kernel is unavailable, or None
+resolve_backend = KERNEL.resolve  # "cpp" or "python" for a cell's backend option and an input
 
 #: zoneout of one state tensor: None (keep 1, no zoneout), a float ``keep`` (evaluation: the
 #: expected mix) or a bool mask [T, b, n] (training: True takes the new value)
@@ -47,6 +67,7 @@ class FusedPlan:
     zone: list[tuple[Zone, Zone]]  #: (h, c) zoneout of each cell
     drop2: Tensor | None = None  #: scaled dropout mask [T, b, n_F] on h^F1 -> S (site 2)
     drop3: Tensor | None = None  #: scaled dropout mask [T, b, n_S] on h^S -> F2 (site 3)
+    backend: str = "python"  #: "python" (the loops below) or "cpp" (``fs_rnn_cpu.cpp``; resolved by the caller)
 
 
 def draw_masks(steps: int, batch: int, widths: list[int], keeps: list[tuple[float, float]], training: list[bool],
@@ -237,6 +258,9 @@ class FSLNLSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, xp: Tensor, h_f: Tensor, c_f: Tensor, h_s: Tensor, c_s: Tensor, plan: FusedPlan,
                 *params: Tensor) -> tuple[Tensor, ...]:
+        ctx.cpp = plan.backend == "cpp"
+        if ctx.cpp:
+            return FSLNLSTMRecurrence._cpp_forward(ctx, xp, h_f, c_f, h_s, c_s, plan, params)
         steps, b = xp.shape[0], xp.shape[1]
         k = plan.num_fast
         nf, ns = h_f.shape[1], h_s.shape[1]
@@ -290,6 +314,8 @@ class FSLNLSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dys: Tensor, dh_f: Tensor, dc_f: Tensor, dh_s: Tensor,
                  dc_s: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.cpp:
+            return FSLNLSTMRecurrence._cpp_backward(ctx, dys, dh_f, dc_f, dh_s, dc_s)
         cells, plan = ctx.cells, ctx.plan
         hf, ins, in2, rest, cf, cs = ctx.buffers
         steps, b = dys.shape[0], dys.shape[1]
@@ -324,6 +350,62 @@ class FSLNLSTMRecurrence(torch.autograd.Function):
         for cell, inp in zip(cells, inputs, strict=True):
             grads += cell.param_grads(inp)
         return (f1.da, dh_f, dc_f, dh_s, dc_s, None, *grads)
+
+    @staticmethod
+    def _cpp_forward(ctx: Any, xp: Tensor, h_f: Tensor, c_f: Tensor, h_s: Tensor, c_s: Tensor, plan: FusedPlan,
+                     params: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
+        """The forward loop in ``fs_rnn_cpu.cpp``, keeping every buffer the C++ backward reads."""
+        outs, ctx.saved_cpp, ctx.cpp_args = cpp_loop(xp, h_f, c_f, h_s, c_s, plan, params, keep=True)
+        return outs
+
+    @staticmethod
+    def _cpp_backward(ctx: Any, dys: Tensor, dh_f: Tensor, dc_f: Tensor, dh_s: Tensor,
+                      dc_s: Tensor) -> tuple[Tensor | None, ...]:
+        """The reverse loop in ``fs_rnn_cpu.cpp`` (weight gradients as one GEMM per matrix over all steps)."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("fs_rnn: the C++ backward is not differentiable (create_graph=True); set "
+                               "cell.backend='python' for higher-order gradients")
+        weights, gains, c_gains, masks, keeps, drops, has_bias = ctx.cpp_args
+        out = torch.ops.seqplat_fs_rnn.backward(ctx.saved_cpp, weights, gains, c_gains, masks, keeps, *drops,
+                                                dys.contiguous(), dh_f.contiguous(), dc_f.contiguous(),
+                                                dh_s.contiguous(), dc_s.contiguous())
+        grads: list[Tensor | None] = []
+        for i, bias in enumerate(has_bias):
+            dw, db, dg4, ds4, dgc, dsc = out[5 + 7 * i : 11 + 7 * i]  # (out[4 + 7 i] is the cell's da)
+            grads += [dw, db if bias else None, dg4, ds4, dgc, dsc]
+        return (out[4], out[0], out[1], out[2], out[3], None, *grads)
+
+
+def cpp_loop(xp: Tensor, h_f: Tensor, c_f: Tensor, h_s: Tensor, c_s: Tensor, plan: FusedPlan,
+             params: tuple[Tensor | None, ...] | list[Tensor | None], keep: bool = False
+             ) -> tuple[tuple[Tensor, ...], list[Tensor], tuple[Any, ...]]:
+    """The forward loop of :class:`FSLNLSTMRecurrence` in ``fs_rnn_cpu.cpp``, arguments as there, on plain
+    tensors (no autograd). Returns ``(ys, h_F, c_F, h_S, c_S)``, the buffers (with ``keep`` every step's, for
+    the C++ backward; without, one step's: memory independent of ``T``, for inference) and the converted
+    arguments the backward takes again."""
+    load_cpp_extension(strict=True)  # built by the caller's resolve_backend, unless called directly
+    steps, nf = xp.shape[0], h_f.shape[1]
+    dtype = xp.dtype
+    masks: list[Tensor | None] = []
+    keeps: list[float] = []
+    for zone in plan.zone:  # (h, c) per cell: a 0/1 mask, or the constant keep (1: no zoneout)
+        for z in zone:
+            masks.append(z.to(dtype).contiguous() if isinstance(z, Tensor) else None)
+            keeps.append(float(z) if isinstance(z, float) else 1.0)
+    drops = [None if d is None else d.to(dtype).contiguous() for d in (plan.drop2, plan.drop3)]
+    n = len(params) // 6
+    cols = [[params[6 * i + j] for i in range(n)] for j in range(6)]  # w, bias, gain, shift, c gain, c shift
+    weights = [w.contiguous() for w in cols[0]]  # type: ignore[union-attr]
+    with torch.no_grad():  # plain tensors: the kernel's ATen calls must not record (nor refuse) autograd
+        saved = torch.ops.seqplat_fs_rnn.forward(xp.contiguous(), h_f.contiguous(), c_f.contiguous(),
+                                                 h_s.contiguous(), c_s.contiguous(), weights, cols[1], cols[2],
+                                                 cols[3], cols[4], cols[5], [float(e) for e in plan.eps], masks,
+                                                 keeps, *drops, keep)
+    hf, ins, cf, cs = saved[0], saved[1], saved[3], saved[4]
+    last = steps if keep else steps % 2  # the slot of the final states
+    outs = (hf[1:], hf[steps].clone(), cf[last, 0].clone(), ins[last, :, nf:].clone(), cs[last].clone())
+    args = (weights, cols[2], cols[4], masks, keeps, drops, [b is not None for b in cols[1]])
+    return outs, saved, args
 
 
 def _affine(cell: _Saved, inp: Tensor) -> Tensor:
