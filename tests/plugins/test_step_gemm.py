@@ -11,6 +11,7 @@ from seqplat import build_cell
 from seqplat.core.cpp_ext import extension_cache_dir
 from seqplat.plugins.baselines import own_gru, own_lstm
 from seqplat.plugins.fs_rnn import fused as fs_fused
+from seqplat.plugins.gam_rhn import fused as gam_fused
 from seqplat.plugins.phased_lstm import scan as phased_scan
 from seqplat.plugins.rhn import fused as rhn_fused
 
@@ -25,6 +26,8 @@ CASES = {
     "rhn": ({"name": "rhn", "hidden_size": 725, "depth": 2}, rhn_fused),
     "phased_lstm": ({"name": "phased_lstm", "hidden_size": 512}, phased_scan),
     "fs_rnn": ({"name": "fs_rnn", "fast": _LN, "slow": _LN, "num_fast": 3}, fs_fused),
+    # W_cs [1024, 1024], W_s0 [1024, 3072 + H] and W_hs of layers >= 2
+    "gam_rhn": ({"name": "gam_rhn", "hidden_size": 1024, "head_size": 64, "depth": 2}, gam_fused),
 }
 
 

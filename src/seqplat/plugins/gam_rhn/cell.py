@@ -34,7 +34,10 @@ into one matmul, merges the matrices that read the same vector, holds the memory
 so the grouped softmax runs over a non-last dim, some 10x faster for small S) and, when training, runs
 the loop through :class:`~seqplat.plugins.gam_rhn.fused.GAMRHNRecurrence`, whose hand-written backward
 does one weight-gradient GEMM per matrix over all steps (``explicit_backward = False`` on the cell
-falls back to autograd on the same loop).
+falls back to autograd on the same loop). With ``backend`` ``cpp`` (the default ``auto`` on CPU float
+tensors when the kernel builds) that Function's forward and reverse loops, and the loop without
+gradients, run in ``gam_rhn_cpu.cpp``: one call per direction, the GEMMs as ATen calls and the
+elementwise work between two GEMMs as one fused pass over the batch rows.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from seqplat.core.cell import State
 from seqplat.core.workspace import Workspace
 
 from .config import GAMRHNConfig
-from .fused import GAMRHNRecurrence
+from .fused import GAMRHNRecurrence, gam_rhn_loop_cpp, resolve_backend
 
 
 def grouped_softmax(logits: Tensor, slots: int) -> Tensor:
@@ -220,9 +223,14 @@ class GAMRHNCell(StepCell):
         w_x = torch.cat([self.write_head[:, :d_in], self.reset_weight[:, :d_in], self.value_weight[:, :d_in]])
         b_x = torch.cat([self.reset_bias.new_zeros(h), self.reset_bias, self.value_bias])
         xp = torch.addmm(b_x, x.transpose(0, 1).reshape(steps * b, d_in), w_x.t()).view(steps, b, -1)
+        backend = resolve_backend(cfg.backend, xp)
+
+        def dense(w: Tensor) -> Tensor:  # the C++ loop takes the [out, in] views as they are (MKL is faster so)
+            return w if backend == "cpp" else w.contiguous()
+
         # s_{t-1} feeds layer 1's gates, W_hw and W_r: one [D, 2D+H+D] matrix (layer 1's gate bias beside it)
         w_s0 = torch.cat([first.gate_weight[:, n:], self.write_head[:, d_in:], self.reset_weight[:, d_in:]]).t()
-        w_s0 = w_s0.contiguous()
+        w_s0 = dense(w_s0)
         w_ms = self.value_weight[:, d_in:]  # [N, D]: applied as u @ w_ms.t()
         # addresses slot-major (column k*N + g is slot k of group g), so the grouped softmax runs over
         # dim 1 of [b, S, N]: torch's softmax over a last dim of size S is some 10x slower. h_w feeds the
@@ -232,21 +240,25 @@ class GAMRHNCell(StepCell):
         def address_bias(bias: Tensor | None) -> Tensor:
             return x.new_zeros(n * S) if bias is None else bias[perm]
 
-        w_ad0 = torch.cat([self.write_address[perm], first.read_address[perm]]).t().contiguous()
+        w_ad0 = dense(torch.cat([self.write_address[perm], first.read_address[perm]]).t())
         b_ad0 = torch.cat([address_bias(self.write_address_bias), address_bias(first.read_address_bias)])
         weights: list[Tensor] = [w_s0, first.gate_bias, w_ms, w_ad0, b_ad0]
         for i, lay in enumerate(layers):
             # xr^l feeds W_s^l and W_g^l: [N, D+2D], columns [candidate | r^l | z^l]
-            w_xr = torch.cat([lay.candidate_weight[:, :n], lay.gate_weight[:, :n]]).t().contiguous()
-            weights += [w_xr, lay.candidate_bias, lay.candidate_weight[:, n:].t().contiguous()]
+            w_xr = dense(torch.cat([lay.candidate_weight[:, :n], lay.gate_weight[:, :n]]).t())
+            weights += [w_xr, lay.candidate_bias, dense(lay.candidate_weight[:, n:].t())]
             if i >= 1:  # s^{l-1} feeds W_g^l and W_h^l: [D, 2D+H]
-                w_hs = torch.cat([lay.gate_weight[:, n:], lay.read_head]).t().contiguous()
-                weights += [w_hs, lay.gate_bias, lay.read_address[perm].t().contiguous(),
+                w_hs = dense(torch.cat([lay.gate_weight[:, n:], lay.read_head]).t())
+                weights += [w_hs, lay.gate_bias, dense(lay.read_address[perm].t()),
                             address_bias(lay.read_address_bias)]
 
         m = m.reshape(b, n, S).transpose(1, 2).contiguous()  # inside the loop: [b, S slots, N groups]
         if self.explicit_backward and torch.is_grad_enabled():
-            return self._explicit_backward_forward(xp, m, s, weights)
+            return self._explicit_backward_forward(xp, m, s, weights, backend)
+        if backend == "cpp" and not torch.is_grad_enabled():  # the C++ loop, nothing kept for a backward
+            mask_g, mask_r = self._draw_masks(steps, b, xp)
+            ys, m, s, _, _ = gam_rhn_loop_cpp(xp, m, s, mask_g, mask_r, (h, d, n, S, cfg.depth), weights)
+            return ys.transpose(0, 1), (m.transpose(1, 2).reshape(b, n * S), s)
         w_s0, b_g0, w_ms, w_ad0, b_ad0 = weights[:5]
         b_s0 = torch.cat([b_g0, b_g0.new_zeros(h + d)])
         layer_w, k = [], 5
@@ -281,26 +293,35 @@ class GAMRHNCell(StepCell):
             ys.append(s)  # (6)
         return torch.stack(ys, dim=1), (m.transpose(1, 2).reshape(b, n * S), s)
 
-    def _explicit_backward_forward(self, xp: Tensor, m: Tensor, s: Tensor,
-                                   weights: list[Tensor]) -> tuple[Tensor, State]:
-        """The same recurrence through :class:`~.fused.GAMRHNRecurrence` (hand-written backward, one
-        weight-gradient GEMM per matrix). Dropout masks are drawn up front in the reference order."""
-        cfg, S = self.config, self.slots
-        steps, b = xp.shape[0], xp.shape[1]
+    def _draw_masks(self, steps: int, b: int, like: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The (scaled) dropout masks of a whole sequence, ``mask_g [T, b, N]`` and ``mask_r [T, L, b, D]``
+        (None when off), drawn in the reference path's order."""
+        cfg = self.config
         d, n = cfg.hidden_size, cfg.groups
         draw_g = self.training and cfg.gam_dropout > 0
         draw_r = self.training and cfg.rhn_dropout > 0
-        mask_g = xp.new_empty(steps, b, n) if draw_g else None
-        mask_r = xp.new_empty(steps, cfg.depth, b, d) if draw_r else None
+        mask_g = like.new_empty(steps, b, n) if draw_g else None
+        mask_r = like.new_empty(steps, cfg.depth, b, d) if draw_r else None
         if draw_g or draw_r:
-            ones_g, ones_r = xp.new_ones(b, n), xp.new_ones(b, d)
+            ones_g, ones_r = like.new_ones(b, n), like.new_ones(b, d)
             for t in range(steps):
                 if mask_g is not None:
                     mask_g[t] = F.dropout(ones_g, cfg.gam_dropout, True)
                 if mask_r is not None:
                     for i in range(cfg.depth):
                         mask_r[t, i] = F.dropout(ones_r, cfg.rhn_dropout, True)
-        dims = (cfg.head_size, d, n, S, cfg.depth)
+        return mask_g, mask_r
+
+    def _explicit_backward_forward(self, xp: Tensor, m: Tensor, s: Tensor, weights: list[Tensor],
+                                   backend: str = "python") -> tuple[Tensor, State]:
+        """The same recurrence through :class:`~.fused.GAMRHNRecurrence` (hand-written backward, one
+        weight-gradient GEMM per matrix; its loops in C++ with ``backend == "cpp"``). Dropout masks are
+        drawn up front in the reference order."""
+        cfg, S = self.config, self.slots
+        steps, b = xp.shape[0], xp.shape[1]
+        d, n = cfg.hidden_size, cfg.groups
+        mask_g, mask_r = self._draw_masks(steps, b, xp)
+        dims = (cfg.head_size, d, n, S, cfg.depth, backend)
         ys, m, s = GAMRHNRecurrence.apply(xp, m, s, mask_g, mask_r, dims, self.workspace, *weights)
         return ys.transpose(0, 1), (m.transpose(1, 2).reshape(b, n * S), s)
 

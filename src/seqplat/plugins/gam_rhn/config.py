@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -55,6 +56,11 @@ class GAMRHNConfig(CellConfig):
     )
     rhn_dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="dropout on every highway candidate s_hat, fresh mask every step"
+    )
+
+    backend: Literal["auto", "cpp", "python"] = Field(
+        "auto", description="the fast path's time loop: 'cpp' (C++ kernel built at first use, float32/float64 "
+        "CPU tensors), 'python' (torch ops, any device), 'auto' (cpp on CPU when the kernel builds, else python)"
     )
 
     @field_validator("memory")

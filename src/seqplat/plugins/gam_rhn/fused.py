@@ -17,6 +17,15 @@ and bias doubled once per call (torch's CPU ``tanh`` costs about three sigmoids)
 from a :class:`~seqplat.core.workspace.Workspace` the cell keeps, so a training loop does not
 page-fault in fresh memory for its saved activations every step.
 
+C++ backend (``cell.backend``, default ``auto``): the same forward and reverse loops in
+``gam_rhn_cpu.cpp``, one op call per direction (``torch.ops.seqplat_gam_rhn``), built at first use by
+:class:`~seqplat.core.cpp_ext.CppKernel`. Per step the GEMMs stay ATen (MKL) calls and everything between
+two GEMMs is one fused pass over the batch rows (both address softmaxes, ``m_bar``, the memory write and
+layer 1's read in one; a read address and its read; the gates; the candidate and the highway update), writing
+the same Workspace buffers; the weight gradients are the same GEMMs over all steps (:func:`_weight_grads`).
+The torch loop below stays the reference and the fallback (``python``, or ``auto`` without a compiler or
+off CPU), and tests pin the two to each other in float64 on outputs and every gradient.
+
 The math is steps (1)-(6) of :mod:`seqplat.plugins.gam_rhn.cell` in the merged form of
 ``GAMRHNCell.fast_forward``; every line of :meth:`GAMRHNRecurrence.backward` is the derivative of the
 forward line named beside it. Tests compare it with the reference path on outputs and on every
@@ -25,15 +34,27 @@ gradient, and ``gradcheck`` it in float64.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seqplat.core.cpp_ext import CppKernel
 from seqplat.core.workspace import Workspace
 
 _aten = torch.ops.aten
+
+CPP_SOURCE = Path(__file__).with_name("gam_rhn_cpu.cpp")
+Backend = Literal["auto", "cpp", "python"]
+KERNEL = CppKernel(CPP_SOURCE, "seqplat_gam_rhn_cpu", "gam_rhn",
+                   fallback="using the PyTorch loop",
+                   fix="cell.backend='cpp' needs it: install a C++ compiler and ninja, or set "
+                   "cell.backend=auto or python")
+load_cpp_extension = KERNEL.load  # compile at first use (cached); True when usable, strict=True raises
+cpp_error = KERNEL.error  # why the kernel is unavailable, or None
+resolve_backend = KERNEL.resolve  # "cpp" or "python" for a cell's backend option and an input
 
 
 def _carve(flat: Tensor, shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
@@ -62,6 +83,57 @@ def _take(workspace: Workspace | None, shapes: dict[str, tuple[int, ...]], like:
     n = _numel(shapes)
     flat = workspace.take(((n,),), like)[0] if workspace is not None else like.new_empty(n)
     return flat, _carve(flat, shapes)
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _forward_shapes(steps: int, b: int, dims: tuple, masked_g: bool) -> dict[str, tuple[int, ...]]:
+    """The saved per-step buffers of both loops (one Workspace block)."""
+    h, d, n, slots, depth = dims[:5]
+    shapes = {
+        "pre": (steps, b, 2 * d + h + d),  # s_{t-1} W_s0 (+ x parts): [z^1 pre | h_w | r pre]
+        "r": (steps, b, d), "u": (steps, b, d),  # (3) r and r * s
+        "mbar": (steps, b, n),  # (3) m_bar, before dropout
+        "mem": (steps + 1, b, slots, n),  # (4) m_0 .. m_T
+        "a0": (steps, b, 2, slots, n),  # (2) write address, layer 1's read address
+        "s_in": (depth, steps, b, d),  # the state entering layer l
+        "xr": (depth, steps, b, n), "g": (depth, steps, b, 2 * d), "rs": (depth, steps, b, d),
+        "y": (depth, steps, b, d),  # python: sigmoid(2 v), the candidate is 2 y - 1; cpp: tanh(v)
+        "shat": (depth, steps, b, d),  # the candidate after dropout
+    }
+    if depth > 1:
+        shapes["hs"] = (depth - 1, steps, b, 2 * d + h)  # s^{l-1} W_hs (+ b_hs): [gates pre | h_l]
+        shapes["a"] = (depth - 1, steps, b, slots, n)  # read addresses of layers >= 2
+    if masked_g:
+        shapes["mb"] = (steps, b, n)
+    return shapes
+
+
+def _cpp_buffers(buf: dict[str, Tensor], ys: Tensor) -> list[Tensor]:
+    """The buffers in the order of ``gam_rhn_cpu.cpp``'s ``Buf`` (absent ones as empty tensors)."""
+    empty = ys.new_empty(0)
+    return [buf["pre"], buf["r"], buf["u"], buf["mbar"], buf.get("mb", buf["mbar"]), buf["mem"], buf["a0"],
+            buf["s_in"], buf["xr"], buf["g"], buf["rs"], buf["y"], buf["shat"], buf.get("hs", empty),
+            buf.get("a", empty), ys]
+
+
+def gam_rhn_loop_cpp(xp: Tensor, m0: Tensor, s0: Tensor, mask_g: Tensor | None, mask_r: Tensor | None,
+                     dims: tuple, weights: tuple[Tensor, ...] | list[Tensor],
+                     workspace: Workspace | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, dict]:
+    """The forward loop in ``gam_rhn_cpu.cpp`` (no autograd): ``(ys, m_T, s_T, flat, buffers)``.
+
+    Arguments as in :class:`GAMRHNRecurrence`; the buffers (the python loop's, except ``y`` = ``tanh(v)``)
+    are carved from one block taken from ``workspace`` when given.
+    """
+    load_cpp_extension(strict=True)  # built and loaded at first use; a no-op after
+    steps, b, d = xp.shape[0], xp.shape[1], dims[1]
+    flat, buf = _take(workspace, _forward_shapes(steps, b, dims, mask_g is not None), xp)
+    ys = xp.new_empty(steps, b, d)
+    torch.ops.seqplat_gam_rhn.forward(xp.contiguous(), m0.contiguous(), s0.contiguous(), _contiguous(mask_g),
+                                      _contiguous(mask_r), list(weights), _cpp_buffers(buf, ys))
+    return ys, buf["mem"][-1].clone(), ys[-1].clone(), flat, buf
 
 
 def _layer_weights(weights: tuple[Tensor, ...], depth: int) -> list[dict[str, Tensor]]:
@@ -94,35 +166,29 @@ class GAMRHNRecurrence(torch.autograd.Function):
     ``w_hs [D, 2D+H]`` (``s^{l-1}`` to the gates and the read head), ``b_hs [2D]``, ``w_a [H, SN]``,
     ``b_a [SN]``. ``mask_g [T, b, N]`` and ``mask_r [T, L, b, D]`` are the (already scaled) dropout
     masks, or None. With a ``workspace`` the saved buffers are reused across calls (see
-    :class:`Workspace`).
+    :class:`Workspace`). ``dims`` is ``(H, D, N, S, L)``, optionally with a sixth entry, the loop's backend:
+    ``"python"`` (the default, the torch ops below) or ``"cpp"`` (both loops in ``gam_rhn_cpu.cpp``, one
+    call per direction; resolve it with :func:`resolve_backend`).
     """
 
     @staticmethod
     def forward(ctx: Any, xp: Tensor, m0: Tensor, s0: Tensor, mask_g: Tensor | None, mask_r: Tensor | None,
-                dims: tuple[int, int, int, int, int], workspace: Workspace | None,
-                *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                dims: tuple[int, int, int, int, int] | tuple[int, int, int, int, int, str],
+                workspace: Workspace | None, *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.cpp = len(dims) > 5 and dims[5] == "cpp"
+        dims = tuple(dims[:5])
         h, d, n, slots, depth = dims
+        ctx.workspace, ctx.mark = workspace, None
+        ctx.dims, ctx.masks = dims, (mask_g, mask_r)
+        ctx.save_for_backward(*weights)
+        if ctx.cpp:
+            ys, m_T, s_T, ctx.flat, ctx.buf = gam_rhn_loop_cpp(xp, m0, s0, mask_g, mask_r, dims, weights, workspace)
+            return ys, m_T, s_T
         w_s0, b_g0, w_ms, w_ad0, b_ad0 = weights[:5]
         layer_w = _layer_weights(weights, depth)
         steps, b = xp.shape[0], xp.shape[1]
         sn = slots * n
-        shapes = {
-            "pre": (steps, b, 2 * d + h + d),  # s_{t-1} W_s0 (+ x parts): [z^1 pre | h_w | r pre]
-            "r": (steps, b, d), "u": (steps, b, d),  # (3) r and r * s
-            "mbar": (steps, b, n),  # (3) m_bar, before dropout
-            "mem": (steps + 1, b, slots, n),  # (4) m_0 .. m_T
-            "a0": (steps, b, 2, slots, n),  # (2) write address, layer 1's read address
-            "s_in": (depth, steps, b, d),  # the state entering layer l
-            "xr": (depth, steps, b, n), "g": (depth, steps, b, 2 * d), "rs": (depth, steps, b, d),
-            "y": (depth, steps, b, d),  # sigmoid(2 v): the candidate is 2 y - 1
-            "shat": (depth, steps, b, d),  # the candidate after dropout
-        }
-        if depth > 1:
-            shapes["hs"] = (depth - 1, steps, b, 2 * d + h)  # s^{l-1} W_hs + b_hs: [gates pre | h_l]
-            shapes["a"] = (depth - 1, steps, b, slots, n)  # read addresses of layers >= 2
-        if mask_g is not None:
-            shapes["mb"] = (steps, b, n)
-        flat, buf = _take(workspace, shapes, xp)
+        flat, buf = _take(workspace, _forward_shapes(steps, b, dims, mask_g is not None), xp)
         # the candidate rows (and bias) doubled: one sigmoid gives tanh(v) = 2 sigmoid(2 v) - 1
         two = xp.new_ones(3 * d)
         two[:d] = 2.0
@@ -183,9 +249,7 @@ class GAMRHNRecurrence(torch.autograd.Function):
         s_in0 = buf["s_in"][0]
         s_in0[0].copy_(s0)
         s_in0[1:].copy_(ys[:-1])
-        ctx.flat, ctx.buf, ctx.mark, ctx.workspace = flat, buf, None, workspace
-        ctx.dims, ctx.masks = dims, (mask_g, mask_r)
-        ctx.save_for_backward(*weights)
+        ctx.flat, ctx.buf = flat, buf
         return ys, mem[-1].clone(), ys[-1].clone()
 
     @staticmethod
@@ -205,6 +269,8 @@ class GAMRHNRecurrence(torch.autograd.Function):
         buf = ctx.buf
         steps, b = dys.shape[0], dys.shape[1]
         sn = slots * n
+        if ctx.cpp:
+            return GAMRHNRecurrence._cpp_backward(ctx, dys, dm_out, ds_out, weights)
         like = dys
         # Gradients of every step's pre-activations, per layer [dv | d r^l | d z^l | (layer >= 2) d h_l];
         # layer 1's continues [d h_w | d r | d m_bar pre], whose last H+D+N columns are dL/dxp
@@ -303,28 +369,71 @@ class GAMRHNRecurrence(torch.autograd.Function):
             _aten._softmax_backward_data.out(gm2, a0_v[t], 2, gm2.dtype, grad_input=da0_v[t])
             torch.mm(da0_v[t].view(b, 2 * sn), w_ad0_t, out=dhw_v[t])  # (1) d h_w
             ds = torch.addmm(ds, dpre_v[t], w_s0_t)  # pre = s_{t-1} W_s0 + ...
-        # weight gradients: one GEMM per matrix over all steps
-        tb = steps * b
-
-        g0 = dg0.view(tb, -1)
-        da0 = sb["da0"].view(tb, 2 * sn)
-        grads: list[Tensor | None] = [
-            s_in[0].view(tb, d).t() @ g0[:, d : 4 * d + h],  # w_s0
-            g0[:, d : 3 * d].sum(0),  # b_g0
-            g0[:, -n:].t() @ buf["u"].view(tb, d),  # w_ms
-            buf["pre"].view(tb, -1)[:, 2 * d : 2 * d + h].t() @ da0,  # w_ad0
-            da0.sum(0),  # b_ad0
-        ]
-        for i in range(depth):
-            gi = g0 if i == 0 else sb["dgl"][i - 1].view(tb, -1)
-            dv = gi[:, :d]
-            grads += [buf["xr"][i].view(tb, n).t() @ gi[:, : 3 * d], dv.sum(0), buf["rs"][i].view(tb, d).t() @ dv]
-            if i >= 1:
-                da = sb["da"][i - 1].view(tb, sn)
-                grads += [s_in[i].view(tb, d).t() @ gi[:, d:], gi[:, d : 3 * d].sum(0),
-                          buf["hs"][i - 1].view(tb, -1)[:, 2 * d :].t() @ da, da.sum(0)]
+        grads = _weight_grads(buf, sb, ctx.dims, steps, b)
         dxp = dg0[..., 3 * d :].clone()  # handed to autograd: not a view of a workspace buffer
         if workspace is not None:
             workspace.give((sflat,))
             ctx.mark = workspace.give((ctx.flat,))
         return (dxp, dm, ds, None, None, None, None, *grads)
+
+    @staticmethod
+    def _cpp_backward(ctx: Any, dys: Tensor, dm_out: Tensor, ds_out: Tensor,
+                      weights: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+        """The reverse loop in ``gam_rhn_cpu.cpp``; the weight gradients as in the python backward."""
+        workspace: Workspace | None = ctx.workspace
+        h, d, n, slots, depth = ctx.dims
+        steps, b = dys.shape[0], dys.shape[1]
+        scratch = {"dg0": (steps, b, 3 * d + h + d + n), "da0": (steps, b, 2, slots, n)}
+        if depth > 1:
+            scratch["dgl"] = (depth - 1, steps, b, 3 * d + h)
+            scratch["da"] = (depth - 1, steps, b, slots, n)
+        sflat, sb = _take(workspace, scratch, dys)
+        empty = dys.new_empty(0)
+        mask_g, mask_r = ctx.masks
+        dm, ds = torch.ops.seqplat_gam_rhn.backward(
+            dys, dm_out, ds_out, _contiguous(mask_g), _contiguous(mask_r), list(weights),
+            _cpp_buffers(ctx.buf, empty), [sb["dg0"], sb["da0"], sb.get("dgl", empty), sb.get("da", empty)])
+        grads = _weight_grads(ctx.buf, sb, ctx.dims, steps, b)
+        dxp = sb["dg0"][..., 3 * d :].clone()  # handed to autograd: not a view of a workspace buffer
+        if workspace is not None:
+            workspace.give((sflat,))
+            ctx.mark = workspace.give((ctx.flat,))
+        return (dxp, dm, ds, None, None, None, None, *grads)
+
+
+def _outer(x: Tensor, g: Tensor) -> Tensor:
+    """``x^T @ g`` over all steps (``x [T*b, k]``, ``g [T*b, n]``). For k and n both >= 512 MKL ran the
+    transposed product ``(g^T @ x)^T`` 1.2-1.9x faster on one thread (and the result then has the layout of
+    the parameter it goes to); smaller shapes were faster as they are."""
+    if x.shape[1] >= 512 and g.shape[1] >= 512:
+        return (g.t() @ x).t()
+    return x.t() @ g
+
+
+def _weight_grads(buf: dict[str, Tensor], sb: dict[str, Tensor], dims: tuple, steps: int,
+                  b: int) -> list[Tensor | None]:
+    """The weight gradients from the saved buffers and the per-step gradients: one GEMM per matrix over
+    all steps (``inputs[T*b, k]^T @ grads[T*b, n]``)."""
+    h, d, n, slots, depth = dims
+    sn = slots * n
+    s_in = buf["s_in"]
+    dg0 = sb["dg0"]
+    tb = steps * b
+    g0 = dg0.view(tb, -1)
+    da0 = sb["da0"].view(tb, 2 * sn)
+    grads: list[Tensor | None] = [
+        _outer(s_in[0].view(tb, d), g0[:, d : 4 * d + h]),  # w_s0
+        g0[:, d : 3 * d].sum(0),  # b_g0
+        g0[:, -n:].t() @ buf["u"].view(tb, d),  # w_ms
+        buf["pre"].view(tb, -1)[:, 2 * d : 2 * d + h].t() @ da0,  # w_ad0
+        da0.sum(0),  # b_ad0
+    ]
+    for i in range(depth):
+        gi = g0 if i == 0 else sb["dgl"][i - 1].view(tb, -1)
+        dv = gi[:, :d]
+        grads += [_outer(buf["xr"][i].view(tb, n), gi[:, : 3 * d]), dv.sum(0), _outer(buf["rs"][i].view(tb, d), dv)]
+        if i >= 1:
+            da = sb["da"][i - 1].view(tb, sn)
+            grads += [_outer(s_in[i].view(tb, d), gi[:, d:]), gi[:, d : 3 * d].sum(0),
+                      buf["hs"][i - 1].view(tb, -1)[:, 2 * d :].t() @ da, da.sum(0)]
+    return grads
