@@ -116,6 +116,10 @@ def test_bench_compile_step_times_the_loop_around_a_compiled_step():
     assert plain.exit_code == 0 and compiled.exit_code == 0, plain.output + compiled.output
     (p,), (c,) = json.loads(plain.output), json.loads(compiled.output)
     assert c["name"] == "ln_lstm (compiled: step)" and c["compile_s"] > 0.1
+    # the training graph and the no-grad graph, each compiled once and timed apart
+    assert c["compile_train_s"] > 0.1 and c["compile_infer_s"] > 0.0
+    assert c["compile_s"] == pytest.approx(c["compile_train_s"] + c["compile_infer_s"])
+    assert p["compile_s"] == p["compile_train_s"] == p["compile_infer_s"] == 0.0
     assert c["flops_per_token_train"] == p["flops_per_token_train"]
     # Inductor's partitioner decides what to save and what to recompute, and not the same way on every machine
     # (CI runs saw 1.7% fewer and 7% more bytes than eager), so the compiled step's saved bytes are measured and of

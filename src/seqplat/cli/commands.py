@@ -315,7 +315,8 @@ def bench(plugin, recipe, config_files, overrides, hidden, batch, time_steps, in
                         # at B=1 (streaming) the time of one inference step is the figure that matters
                         step = (f"  infer step {r.infer_step_us_per_token_row:,.1f} us "
                                 f"(LSTM {r.lstm_infer_step_us_per_token_row:,.1f} us)") if r.batch == 1 else ""
-                        step += f"  compile {r.compile_s:.1f} s" if compiled else ""
+                        step += (f"  compile {r.compile_s:.1f} s (training {r.compile_train_s:.1f} + inference "
+                                 f"{r.compile_infer_s:.1f})") if compiled else ""
                         memory = f"saved {r.saved_mb:.1f} MB"
                         if r.train_peak_mb is not None:
                             memory = (f"train peak +{r.train_peak_mb:,.0f} MB (LSTM +{r.lstm_train_peak_mb or 0:,.0f}"

@@ -57,6 +57,8 @@ class BenchResult:
     flop_rate_ratio_vs_lstm: float = 0.0
     matmul_peak_gflops: float = 0.0
     compile_s: float = 0.0
+    compile_train_s: float = 0.0  #: of compile_s: the training graphs (forward and backward)
+    compile_infer_s: float = 0.0  #: of compile_s: the no-grad graph of the inference call
     train_peak_mb: float | None = None
     lstm_train_peak_mb: float | None = None
     train_peak_ratio_vs_lstm: float | None = None
@@ -125,7 +127,8 @@ class _Probe:
 
     With ``compiled`` (``"model"`` or ``"step"``, see :mod:`seqplat.core.compiling`) the timed calls run
     compiled and the first calls (which compile the forward, backward and no-grad graphs) are timed into
-    ``first_s``; FLOPs and saved bytes are always taken on the eager ``module``.
+    ``first_train_s`` (the first forward and training step) and ``first_infer_s``; FLOPs and saved bytes
+    are always taken on the eager ``module``.
     """
 
     def __init__(self, module: nn.Module, x: torch.Tensor, times: torch.Tensor | None, compiled: str | None = None):
@@ -138,10 +141,12 @@ class _Probe:
         self.runner = torch.compile(module) if compiled == "model" else module
         start = time.perf_counter()
         self.w = torch.randn_like(self.forward())
+        self.first_train_s = self.first_infer_s = 0.0
         if compiled:
             self.train_step()
+            mid = time.perf_counter()
             self.infer()
-        self.first_s = time.perf_counter() - start
+            self.first_train_s, self.first_infer_s = mid - start, time.perf_counter() - mid
 
     def forward(self, m: nn.Module | None = None) -> torch.Tensor:
         m = self.runner if m is None else m
@@ -206,12 +211,14 @@ class _Probe:
 def _measure(probe: _Probe, train_s: float, infer_s: float) -> dict:
     b, t, _ = probe.x.shape
     flops = probe.flops()
-    # compile time: the first calls' excess over one steady training step and one inference (so it also
-    # holds the first forward pass, small beside seconds of compiling)
-    compile_s = max(probe.first_s - train_s - infer_s, 0.0) if probe.compiled else 0.0
+    # compile time: the first calls' excess over one steady training step and one inference (so the training
+    # part also holds the first forward pass, small beside seconds of compiling)
+    compile_train_s = max(probe.first_train_s - train_s, 0.0) if probe.compiled else 0.0
+    compile_infer_s = max(probe.first_infer_s - infer_s, 0.0) if probe.compiled else 0.0
     return {
-        "compile_s": compile_s, "train_tps": b * t / train_s, "infer_tps": b * t / infer_s, "train_s": train_s,
-        "infer_s": infer_s, "flops_per_token": flops / (b * t), "gflops": flops / train_s / 1e9,
+        "compile_s": compile_train_s + compile_infer_s, "compile_train_s": compile_train_s,
+        "compile_infer_s": compile_infer_s, "train_tps": b * t / train_s, "infer_tps": b * t / infer_s,
+        "train_s": train_s, "infer_s": infer_s, "flops_per_token": flops / (b * t), "gflops": flops / train_s / 1e9,
         "saved_mb": probe.saved_mb(), "train_peak_mb": probe.train_peak_mb(),
     }
 
@@ -265,6 +272,7 @@ def bench_cell(spec: dict[str, Any], hidden: int, batch: int = 32, time_steps: i
         flops_per_token_train=m["flops_per_token"], gflops_train=m["gflops"], saved_mb=m["saved_mb"],
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         params=sum(p.numel() for p in cell.parameters()), compile_s=m["compile_s"],
+        compile_train_s=m["compile_train_s"], compile_infer_s=m["compile_infer_s"],
         train_peak_mb=m["train_peak_mb"],
     )
     if ml is not None:
