@@ -1,8 +1,8 @@
 """Build a plugin's C++ CPU kernel at first use, cached, tuned to the machine it runs on.
 
 Plugins with a C++ kernel (``unicornn``'s recurrence, the ``lstm`` cell's own loop) compile it with
-``torch.utils.cpp_extension`` the first time it is needed. The build lives in
-``$SEQPLAT_CACHE/ext`` (default ``~/.cache/seqplat/ext``) in a folder named after the source, the
+``torch.utils.cpp_extension`` the first time it is needed. The build lives in ``$SEQPLAT_EXT_CACHE``
+or ``$SEQPLAT_CACHE/ext`` (default ``~/.cache/seqplat/ext``) in a folder named after the source, the
 torch version, the flags and the CPU, so an edit, a torch upgrade or another machine sharing the
 cache (an NFS home on a cluster) gets its own build.
 
@@ -45,7 +45,11 @@ THREAD_FLAGS: tuple[str, ...] = ("-fopenmp",)
 
 
 def extension_cache_dir() -> Path:
-    """Where C++ kernels are built: ``$SEQPLAT_CACHE/ext`` or ``~/.cache/seqplat/ext``."""
+    """Where C++ kernels are built: ``$SEQPLAT_EXT_CACHE`` if set, else ``$SEQPLAT_CACHE/ext`` or
+    ``~/.cache/seqplat/ext``."""
+    own = os.environ.get("SEQPLAT_EXT_CACHE")
+    if own:
+        return Path(own).expanduser()
     root = os.environ.get("SEQPLAT_CACHE")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "seqplat"
     return base / "ext"
@@ -135,11 +139,17 @@ class CppKernel:
     """One plugin's C++ kernel: built at first use (cached, tuned to this CPU), its failure remembered.
 
     ``label`` names it in messages, ``fallback`` says what runs without it (logged once) and ``fix``
-    what the user can do (the end of the error with ``strict``). A plugin keeps one per source file and
+    what the user can do (the end of the error with ``strict``); both default to those of a cell with a
+    ``cell.backend`` option. A plugin keeps one per source file and
     exposes :meth:`load`, :meth:`error` and :meth:`resolve`; ``state`` is ``{"loaded", "error", "flags"}``.
     """
 
-    def __init__(self, source: Path, prefix: str, label: str, *, fallback: str, fix: str):
+    #: the messages of a cell whose ``cell.backend`` option picks the kernel or its PyTorch loop
+    LOOP_FALLBACK = "using the PyTorch loop"
+    LOOP_FIX = "cell.backend='cpp' needs it: install a C++ compiler and ninja, or set cell.backend=auto or python"
+
+    def __init__(self, source: Path, prefix: str, label: str, *, fallback: str = LOOP_FALLBACK,
+                 fix: str = LOOP_FIX):
         self.source, self.prefix, self.label = source, prefix, label
         self.fallback, self.fix = fallback, fix
         self.state: dict[str, Any] = {"loaded": False, "error": None}

@@ -45,10 +45,7 @@ _aten = torch.ops.aten
 
 CPP_SOURCE = Path(__file__).with_name("fs_rnn_cpu.cpp")
 Backend = Literal["auto", "cpp", "python"]
-KERNEL = CppKernel(CPP_SOURCE, "seqplat_fs_rnn_cpu", "fs_rnn",
-                   fallback="using the PyTorch loop",
-                   fix="cell.backend='cpp' needs it: install a C++ compiler and ninja, or set "
-                   "cell.backend=auto or python")
+KERNEL = CppKernel(CPP_SOURCE, "seqplat_fs_rnn_cpu", "fs_rnn")  # default messages (LOOP_FALLBACK, LOOP_FIX)
 load_cpp_extension = KERNEL.load  # compile at first use (cached); True when usable, strict=True raises
 cpp_error = KERNEL.error  # why the kernel is unavailable, or None
 resolve_backend = KERNEL.resolve  # "cpp" or "python" for a cell's backend option and an input

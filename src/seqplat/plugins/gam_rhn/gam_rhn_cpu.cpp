@@ -60,14 +60,15 @@ struct LayerW {
   at::Tensor w_xr, b_c, w_cs, w_hs, b_hs, w_a, b_a;
 };
 
-Dims dims_of(const at::Tensor& xp, const at::Tensor& m0, const at::Tensor& s0, at::TensorList w) {
+// T steps, B rows, state width D, memory S x N; H and the depth L from the weights
+Dims dims_of(int64_t T, int64_t B, int64_t D, int64_t S, int64_t N, at::TensorList w) {
   TORCH_CHECK(w.size() >= 8 && (w.size() - 8) % 7 == 0, "gam_rhn: bad number of weights (", w.size(), ")");
   Dims d{};
-  d.T = xp.size(0);
-  d.B = xp.size(1);
-  d.D = s0.size(1);
-  d.S = m0.size(1);
-  d.N = m0.size(2);
+  d.T = T;
+  d.B = B;
+  d.D = D;
+  d.S = S;
+  d.N = N;
   d.H = w[3].size(0);
   d.L = 1 + static_cast<int64_t>((w.size() - 8) / 7);
   return d;
@@ -177,7 +178,7 @@ void gam_rhn_forward(const at::Tensor& xp_in, const at::Tensor& m0_in, const at:
                      at::TensorList w, at::TensorList bufs) {
   TORCH_CHECK(bufs.size() == NBUF, "gam_rhn: the forward takes ", int(NBUF), " buffers");
   const at::Tensor xp = xp_in.contiguous(), m0 = m0_in.contiguous(), s0 = s0_in.contiguous();
-  const Dims d = dims_of(xp, m0, s0, w);
+  const Dims d = dims_of(xp.size(0), xp.size(1), s0.size(1), m0.size(1), m0.size(2), w);
   check_inputs(d, xp, m0, s0, mask_g, mask_r, w, bufs);
   const int64_t T = d.T, B = d.B, D = d.D, H = d.H, N = d.N, S = d.S, L = d.L, SN = d.SN(), P = d.P();
   const at::Tensor w_s0 = w[0], b_g0 = w[1].contiguous(), w_ms_t = w[2].t();
@@ -392,15 +393,7 @@ std::tuple<at::Tensor, at::Tensor> gam_rhn_backward(const at::Tensor& dys_in, co
   const at::Tensor dys = dys_in.to(dtype).contiguous();
   at::Tensor dm = dm_in.to(dtype).clone().contiguous();
   at::Tensor ds = ds_in.to(dtype).clone().contiguous();
-  Dims d{};
-  d.T = dys.size(0);
-  d.B = dys.size(1);
-  d.D = dys.size(2);
-  d.S = mem.size(2);
-  d.N = mem.size(3);
-  d.H = w[3].size(0);
-  d.L = 1 + static_cast<int64_t>((w.size() - 8) / 7);
-  TORCH_CHECK(w.size() >= 8 && (w.size() - 8) % 7 == 0, "gam_rhn: bad number of weights");
+  const Dims d = dims_of(dys.size(0), dys.size(1), dys.size(2), mem.size(2), mem.size(3), w);
   const int64_t T = d.T, B = d.B, D = d.D, H = d.H, N = d.N, S = d.S, L = d.L, SN = d.SN(), P = d.P();
   const int64_t W0 = d.W0(), WL = d.WL();
   TORCH_CHECK(gbufs[DG0].sizes() == at::IntArrayRef({T, B, W0}) && gbufs[DA0].sizes() == at::IntArrayRef({T, B, 2, S, N}),

@@ -34,10 +34,7 @@ from seqplat.core.cpp_ext import CppKernel
 
 CPP_SOURCE = Path(__file__).with_name("phased_lstm_cpu.cpp")
 Backend = Literal["auto", "cpp", "python"]
-KERNEL = CppKernel(CPP_SOURCE, "seqplat_phased_lstm_cpu", "phased_lstm",
-                   fallback="using the PyTorch loop",
-                   fix="cell.backend='cpp' needs it: install a C++ compiler and ninja, or set "
-                   "cell.backend=auto or python")
+KERNEL = CppKernel(CPP_SOURCE, "seqplat_phased_lstm_cpu", "phased_lstm")  # default messages (LOOP_FALLBACK, LOOP_FIX)
 load_cpp_extension = KERNEL.load  # compile at first use (cached); True when usable, strict=True raises
 cpp_error = KERNEL.error  # why the kernel is unavailable, or None
 

@@ -37,10 +37,7 @@ from seqplat.core.workspace import Workspace
 
 CPP_SOURCE = Path(__file__).with_name("rhn_cpu.cpp")
 Backend = Literal["auto", "cpp", "python"]
-KERNEL = CppKernel(CPP_SOURCE, "seqplat_rhn_cpu", "rhn",
-                   fallback="using the PyTorch loop",
-                   fix="cell.backend='cpp' needs it: install a C++ compiler and ninja, or set "
-                   "cell.backend=auto or python")
+KERNEL = CppKernel(CPP_SOURCE, "seqplat_rhn_cpu", "rhn")  # default messages (LOOP_FALLBACK, LOOP_FIX)
 load_cpp_extension = KERNEL.load  # compile at first use (cached); True when usable, strict=True raises
 cpp_error = KERNEL.error  # why the kernel is unavailable, or None
 
