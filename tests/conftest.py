@@ -1,11 +1,32 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from seqplat.core.cpp_ext import extension_cache_dir
+
 pytest_plugins = ["seqplat.testing.pytest_plugin"]
 
 torch.set_num_threads(int(os.environ.get("SEQPLAT_TEST_THREADS", "1")))
+
+# C++ kernels go to the user's kernel cache, not to each test's isolated SEQPLAT_CACHE: a kernel is then
+# built once for the whole session (and kept for the next one) instead of in whichever test needs it first
+os.environ.setdefault("SEQPLAT_EXT_CACHE", str(extension_cache_dir()))
+_prebuild: subprocess.Popen | None = None
+
+
+def pytest_sessionstart(session):
+    """Build the kernels in the background on the second core (``SEQPLAT_TEST_PREBUILD=0`` turns it off).
+
+    It is left to finish even when the session ends first: stopping it mid-build would leave torch's build
+    lock in the cache, and the next session would wait on it."""
+    global _prebuild
+    if os.environ.get("SEQPLAT_TEST_PREBUILD", "1") != "0":
+        _prebuild = subprocess.Popen([sys.executable, "-m", "seqplat.testing.prebuild"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, preexec_fn=lambda: os.nice(5))
+
 
 
 @pytest.fixture(autouse=True)
