@@ -69,3 +69,16 @@ def test_two_rank_cpu_run_matches_one_process(tiny_run, tmp_path):
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 2  # one for the 1-process job, exactly one for the 2-rank job
     assert two["run_id"] in {r.info.run_id for r in runs}
+
+
+def test_release_process_group_destroys_the_default_group(tmp_path):
+    import torch.distributed as dist
+
+    from seqplat.core.train import release_process_group
+
+    release_process_group()  # no group: nothing to do
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert dist.is_initialized()
+    release_process_group()
+    assert not dist.is_initialized()

@@ -30,6 +30,7 @@ def train(plugin, recipe, config_files, overrides, resume, tracking_uri, no_prog
       seqplat train --resume runs/ptb_char-lstm-20261122-101500-ab12cd
     """
     from seqplat.core.config import apply_override, validate_run
+    from seqplat.core.train import release_process_group
     from seqplat.core.train import train as run_training
 
     if resume is not None:
@@ -47,7 +48,10 @@ def train(plugin, recipe, config_files, overrides, resume, tracking_uri, no_prog
     if register_model:
         run = validate_run({**run.model_dump(mode="json"),
                             "tracking": {**run.tracking.model_dump(mode="json"), "register_model": register_model}})
-    result = run_training(run, resume=resume, progress=not no_progress)
+    try:
+        result = run_training(run, resume=resume, progress=not no_progress)
+    finally:
+        release_process_group()  # under accelerate launch: gloo's group ended cleanly, not at exit
     click.echo(f"valid: {_fmt(result.valid_metrics)}")
     click.echo(f"test:  {_fmt(result.test_metrics)}")
     click.echo(f"parameters: {result.num_parameters:,}  steps: {result.steps}  "

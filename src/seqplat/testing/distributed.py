@@ -36,7 +36,7 @@ def _main(cfg_path: str, out_path: str, toy: str) -> None:
     import torch
 
     from seqplat.core.config import validate_run
-    from seqplat.core.train import train
+    from seqplat.core.train import release_process_group, train
     from seqplat.registry import get_registry
 
     torch.set_num_threads(1)
@@ -46,7 +46,10 @@ def _main(cfg_path: str, out_path: str, toy: str) -> None:
 
         reg.add_plugin(ToyTasksPlugin(), "seqplat_testing_toys")
     run = validate_run(json.loads(Path(cfg_path).read_text()))
-    result = train(run, progress=False)
+    try:
+        result = train(run, progress=False)
+    finally:
+        release_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out_path).write_text(json.dumps({
             "run_id": result.run_id, "valid": result.valid_metrics, "test": result.test_metrics,
