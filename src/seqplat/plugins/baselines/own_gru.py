@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import CppKernel
+from seqplat.core.gemm import outer, projection
 
 CPP_SOURCE = Path(__file__).with_name("own_gru_cpu.cpp")
 KERNEL = CppKernel(CPP_SOURCE, "seqplat_own_gru_cpu", "gru (impl='own')",
@@ -54,7 +55,7 @@ class GRURecurrence(torch.autograd.Function):
         T, b, three_h = act.shape
         dxp, dgh, dh0 = torch.ops.seqplat_own_gru.backward(act, hs, hn, w_hh, g_y.contiguous(), g_hT.contiguous())
         flat = dgh.view(T * b, three_h)
-        d_w = torch.mm(flat.t(), hs[:T].reshape(T * b, three_h // 3))  # one GEMM over all steps
+        d_w = outer(flat, hs[:T].reshape(T * b, three_h // 3))  # one GEMM over all steps
         return dxp, d_w, flat.sum(0), dh0
 
 
@@ -65,7 +66,7 @@ def own_gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | No
         raise ValueError(f"own gru: x must have at least one time step, got shape {tuple(x.shape)}")
     b, T, d = x.shape
     x_tm = x.transpose(0, 1).reshape(T * b, d)
-    xp = torch.mm(x_tm, w_ih.t()) if b_ih is None else torch.addmm(b_ih, x_tm, w_ih.t())
+    xp = projection(x_tm, w_ih, b_ih)
     bias = b_hh if b_hh is not None else w_hh.new_zeros(w_hh.shape[0])
     y, h_n = GRURecurrence.apply(xp.view(T, b, -1), w_hh, bias, h0)
     return y.transpose(0, 1), h_n

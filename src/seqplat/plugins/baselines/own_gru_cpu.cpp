@@ -59,10 +59,11 @@ void forward_cell(const scalar_t* gh, const scalar_t* xp, const scalar_t* b_hh, 
   });
 }
 
-// dh holds h_t's gradient from step t+1 on entry (without g_y) and z * dh_t on exit
+// h_t's gradient is dh + dh_mm + g_y: dh holds z dh_{t+1}'s share on entry and z * dh_t on exit, dh_mm the
+// product dgh_{t+1} W_hh (zeros at the last step)
 template <typename scalar_t>
 void backward_cell(const scalar_t* act, const scalar_t* hn_in, const scalar_t* h_prev, const scalar_t* g_y,
-                   scalar_t* dh, scalar_t* dxp, scalar_t* dgh, int64_t B, int64_t H) {
+                   const scalar_t* dh_mm, scalar_t* dh, scalar_t* dxp, scalar_t* dgh, int64_t B, int64_t H) {
   for_rows(B, row_grain(3 * H, 12288), [&](int64_t begin, int64_t end) {
     for (int64_t r_ = begin; r_ < end; ++r_) {
       const scalar_t* ar = act + r_ * 3 * H;
@@ -72,7 +73,7 @@ void backward_cell(const scalar_t* act, const scalar_t* hn_in, const scalar_t* h
 #pragma omp simd
       for (int64_t k = 0; k < H; ++k) {
         const scalar_t r = ar[k], z = ar[H + k], n = ar[2 * H + k];
-        const scalar_t dht = dh[o_ + k] + g_y[o_ + k];
+        const scalar_t dht = dh[o_ + k] + dh_mm[o_ + k] + g_y[o_ + k];
         const scalar_t dz = dht * (h_prev[o_ + k] - n) * z * (scalar_t(1) - z);  // (3), (1)
         const scalar_t dn = dht * (scalar_t(1) - z) * (scalar_t(1) - n * n);     // (3), (2)
         const scalar_t dr = dn * hn_in[o_ + k] * r * (scalar_t(1) - r);           // (2), (1)
@@ -109,13 +110,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> own_gru_forward(const at::Tensor&
   at::Tensor gh = at::empty({B, 3 * H}, xp.options());
   hs[0].copy_(h0);
   const at::Tensor w_t = w_hh.t();
-  const seqplat::StepMatrix wm = seqplat::prepare(w_t);
+  const seqplat::StepMatrix wm = seqplat::prepare(w_t, T);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "own_gru_forward", [&] {
     scalar_t* hs_p = hs.mutable_data_ptr<scalar_t>();
     const int64_t s1 = B * H, s3 = B * 3 * H;
     for (int64_t t = 0; t < T; ++t) {
-      seqplat::mm_into(gh, hs[t], wm);  // W_hh h_{t-1}
-      forward_cell<scalar_t>(gh.const_data_ptr<scalar_t>(), xp.const_data_ptr<scalar_t>() + t * s3,
+      const at::Tensor p = seqplat::mm_result(gh, hs[t], wm);  // W_hh h_{t-1}
+      forward_cell<scalar_t>(p.const_data_ptr<scalar_t>(), xp.const_data_ptr<scalar_t>() + t * s3,
                              b_hh.const_data_ptr<scalar_t>(), hs_p + t * s1, act.mutable_data_ptr<scalar_t>() + t * s3,
                              hn.mutable_data_ptr<scalar_t>() + t * s1, hs_p + (t + 1) * s1, B, H);
     }
@@ -130,21 +131,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> own_gru_backward(const at::Tensor
   const int64_t T = act.size(0), B = act.size(1), H = act.size(2) / 3;
   TORCH_CHECK(T >= 1, "own gru: the backward pass needs at least one step");
   const at::Tensor w_hh = w_hh_in.contiguous();
-  const seqplat::StepMatrix wb = seqplat::prepare(w_hh);
+  const seqplat::StepMatrix wb = seqplat::prepare(w_hh, T);
   const at::Tensor g_y = g_y_in.to(act.scalar_type()).contiguous();
   at::Tensor dxp = at::empty_like(act);
   at::Tensor dgh = at::empty_like(act);
   at::Tensor dh = g_hT.to(act.scalar_type()).clone().contiguous();
+  at::Tensor mm_buf = at::zeros_like(dh);
+  at::Tensor dh_mm = mm_buf;  // dgh_{t+1} W_hh: in mm_buf (MKL) or a new tensor (oneDNN), read without a copy
   AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "own_gru_backward", [&] {
     const int64_t s1 = B * H, s3 = B * 3 * H;
     for (int64_t t = T - 1; t >= 0; --t) {
       backward_cell<scalar_t>(act.const_data_ptr<scalar_t>() + t * s3, hn.const_data_ptr<scalar_t>() + t * s1,
                               hs.const_data_ptr<scalar_t>() + t * s1, g_y.const_data_ptr<scalar_t>() + t * s1,
-                              dh.mutable_data_ptr<scalar_t>(), dxp.mutable_data_ptr<scalar_t>() + t * s3,
+                              dh_mm.const_data_ptr<scalar_t>(), dh.mutable_data_ptr<scalar_t>(), dxp.mutable_data_ptr<scalar_t>() + t * s3,
                               dgh.mutable_data_ptr<scalar_t>() + t * s3, B, H);
-      seqplat::addmm_into(dh, dgh[t], wb);  // dh_{t-1} = z dh_t + dgh W_hh
+      dh_mm = seqplat::mm_result(mm_buf, dgh[t], wb);  // dh_{t-1} = z dh_t + dgh W_hh (its second term)
     }
   });
+  dh.add_(dh_mm);
   return {dxp, dgh, dh};
 }
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from seqplat.core.cpp_ext import CppKernel
+from seqplat.core.gemm import projection
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +184,7 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor 
     """The input half of (1) for every step in one GEMM: ``x[b,t,d] -> xp[t,b,4h]`` (time major)."""
     b, T, d = x.shape
     x_tm = x.transpose(0, 1).reshape(T * b, d)
-    if b_ih is None or b_hh is None:
-        xp = torch.mm(x_tm, w_ih.t())
-    else:
-        xp = torch.addmm(b_ih + b_hh, x_tm, w_ih.t())
+    xp = projection(x_tm, w_ih, None if b_ih is None or b_hh is None else b_ih + b_hh)
     return xp.view(T, b, -1)
 
 

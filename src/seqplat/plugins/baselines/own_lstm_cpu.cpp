@@ -8,13 +8,12 @@
 //     (3) h_t = o * tanh(c_t)
 //
 // The caller hoists the input half of (1), xp_t = W_ih x_t + b_ih + b_hh, into one GEMM over all steps.
-// Each forward step here is one at::mm_out (h_{t-1} W_hh^T into the gate buffer) and one fused
-// elementwise pass over the batch rows that adds xp_t, activates the gates in place and writes c_t,
-// tanh(c_t) and h_t. Each backward step is one fused elementwise pass that adds the output gradient
-// to dh, writes d a_t into a [T, B, 4H] buffer and updates dc, then one at::mm_out for
-// dh_{t-1} = d a_t W_hh. After the loop
-// grad W_hh is a single GEMM over all T*B rows (this is what makes the backward cheaper than
-// accumulating dW step by step).
+// Each forward step here is one product h_{t-1} W_hh^T (seqplat_gemm.h: MKL or oneDNN, read where it lands,
+// no copy) and one fused elementwise pass over the batch rows that adds xp_t, activates the gates into
+// the gate buffer and writes c_t, tanh(c_t) and h_t. Each backward step is one fused elementwise pass
+// that adds the output gradient to dh, writes d a_t into a [T, B, 4H] buffer and updates dc, then one
+// product for dh_{t-1} = d a_t W_hh. After the loop grad W_hh is a single GEMM over all T*B rows
+// (seqplat::outer; this is what makes the backward cheaper than accumulating dW step by step).
 //
 // Layout: everything is time major and contiguous: xp, gates [T, B, 4H]; hs, cs [T+1, B, H] with
 // hs[0] = h_0 and hs[t+1] = h_t; tcs [T, B, H] = tanh(c_t). Rows run in parallel (at::parallel_for)
@@ -42,22 +41,23 @@ using seqplat::for_rows;
 using seqplat::row_grain;
 using seqplat::sigmoid;
 
-// `a` holds W_hh h_{t-1} on entry and the activated gates on exit; `xp` is the hoisted input part of (1)
+// `p` holds W_hh h_{t-1} (it may be `a` itself), `xp` the hoisted input part of (1); the activated gates go to `a`
 template <typename scalar_t>
-void forward_cell(scalar_t* a, const scalar_t* xp, const scalar_t* c_prev, scalar_t* c, scalar_t* tc, scalar_t* h,
-                  int64_t B, int64_t H) {
+void forward_cell(const scalar_t* p, scalar_t* a, const scalar_t* xp, const scalar_t* c_prev, scalar_t* c,
+                  scalar_t* tc, scalar_t* h, int64_t B, int64_t H) {
   for_rows(B, row_grain(4 * H, 16384), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* pr = p + r * 4 * H;
       scalar_t* ar = a + r * 4 * H;
       const scalar_t* xr = xp + r * 4 * H;
       const int64_t o_ = r * H;
 #pragma omp simd
       for (int64_t k = 0; k < H; ++k) {
         // (1) a = xp_t + W_hh h_{t-1}, then the gate nonlinearities
-        const scalar_t i = sigmoid(ar[k] + xr[k]);                  // (1) i = sigmoid(a_i)
-        const scalar_t f = sigmoid(ar[H + k] + xr[H + k]);          // (1) f = sigmoid(a_f)
-        const scalar_t g = std::tanh(ar[2 * H + k] + xr[2 * H + k]);  // (1) g = tanh(a_g)
-        const scalar_t o = sigmoid(ar[3 * H + k] + xr[3 * H + k]);  // (1) o = sigmoid(a_o)
+        const scalar_t i = sigmoid(pr[k] + xr[k]);                  // (1) i = sigmoid(a_i)
+        const scalar_t f = sigmoid(pr[H + k] + xr[H + k]);          // (1) f = sigmoid(a_f)
+        const scalar_t g = std::tanh(pr[2 * H + k] + xr[2 * H + k]);  // (1) g = tanh(a_g)
+        const scalar_t o = sigmoid(pr[3 * H + k] + xr[3 * H + k]);  // (1) o = sigmoid(a_o)
         const scalar_t cn = f * c_prev[o_ + k] + i * g;    // (2) c_t = f * c_{t-1} + i * g
         const scalar_t t = std::tanh(cn);                  // (3) tanh(c_t)
         ar[k] = i;
@@ -126,12 +126,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_forward(cons
   hs[0].copy_(h0);
   cs[0].copy_(c0);
   const at::Tensor w_t = w_hh.t();  // [H, 4H]
-  const seqplat::StepMatrix wm = seqplat::prepare(w_t);
+  const seqplat::StepMatrix wm = seqplat::prepare(w_t, T);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "own_lstm_forward", [&] {
     for (int64_t t = 0; t < T; ++t) {
       at::Tensor a = gates[t];
-      seqplat::mm_into(a, hs[t], wm);  // (1) W_hh h_{t-1} (xp_t is added in forward_cell)
-      forward_cell<scalar_t>(a.mutable_data_ptr<scalar_t>(), xp[t].const_data_ptr<scalar_t>(),
+      const at::Tensor p = seqplat::mm_result(a, hs[t], wm);  // (1) W_hh h_{t-1} (xp_t is added in forward_cell)
+      forward_cell<scalar_t>(p.const_data_ptr<scalar_t>(), a.mutable_data_ptr<scalar_t>(), xp[t].const_data_ptr<scalar_t>(),
                              cs[t].const_data_ptr<scalar_t>(),
                              cs[t + 1].mutable_data_ptr<scalar_t>(), tcs[t].mutable_data_ptr<scalar_t>(),
                              hs[t + 1].mutable_data_ptr<scalar_t>(), B, H);
@@ -149,8 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_backward(
   const at::Tensor g_y = g_y_in.to(gates.scalar_type()).contiguous();
   at::Tensor da_all = at::empty_like(gates);
   at::Tensor dh = g_hT.to(gates.scalar_type()).clone().contiguous();  // dh_T without g_y[T-1]
+  at::Tensor dh_buf = at::empty_like(dh);
   at::Tensor dc = g_cT.to(gates.scalar_type()).clone().contiguous();
-  const seqplat::StepMatrix wb = seqplat::prepare(w_hh);
+  const seqplat::StepMatrix wb = seqplat::prepare(w_hh, T);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "own_lstm_backward", [&] {
     for (int64_t t = T - 1; t >= 0; --t) {
       at::Tensor da = da_all[t];
@@ -159,11 +160,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_backward(
                               g_y[t].const_data_ptr<scalar_t>(), dc.mutable_data_ptr<scalar_t>(),
                               da.mutable_data_ptr<scalar_t>(), B, H);
       // (1) a = xp_t + W_hh h_{t-1}: dh_{t-1} = d a_t W_hh (g_y[t-1] is added in the next backward_cell)
-      seqplat::mm_into(dh, da, wb);
+      dh = seqplat::mm_result(dh_buf, da, wb);  // backward_cell has read dh_t: dh_buf may take dh_{t-1}
     }
   });
   // (1) a = xp_t + W_hh h_{t-1}: grad W_hh = sum_t d a_t^T h_{t-1}, one GEMM over all T*B rows
-  at::Tensor grad_w = at::mm(da_all.view({T * B, 4 * H}).t(), hs.narrow(0, 0, T).reshape({T * B, H}));
+  at::Tensor grad_w = seqplat::outer(da_all.view({T * B, 4 * H}), hs.narrow(0, 0, T).reshape({T * B, H}));
   return {da_all, grad_w, dh, dc};
 }
 

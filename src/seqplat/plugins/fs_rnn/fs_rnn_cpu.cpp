@@ -383,7 +383,7 @@ std::vector<at::Tensor> fs_forward(const at::Tensor& xp_in, const at::Tensor& h_
     TORCH_CHECK(gains[i].numel() == 4 * n && shifts[i].numel() == 4 * n && c_gains[i].numel() == n &&
                     c_shifts[i].numel() == n,
                 "fs_rnn: LN gains and shifts of cell ", i, " must have ", 4 * n, " (LN4) and ", n, " (LN_c) entries");
-    w_t.push_back(seqplat::prepare(weights[i].t()));
+    w_t.push_back(seqplat::prepare(weights[i].t(), T));
     const std::optional<at::Tensor> b = biases.get(i);
     TORCH_CHECK(!b.has_value() || !b->defined() || b->numel() == 4 * n, "fs_rnn: bias of cell ", i, " must have ",
                 4 * n, " entries");
@@ -529,7 +529,7 @@ std::vector<at::Tensor> fs_backward(at::TensorList saved, at::TensorList weights
     TORCH_CHECK(w[i].scalar_type() == hf.scalar_type() && g4[i].scalar_type() == hf.scalar_type() &&
                     gc[i].scalar_type() == hf.scalar_type(),
                 "fs_rnn: all parameters must share the saved buffers' dtype");
-    wb.push_back(seqplat::prepare(w[i]));
+    wb.push_back(seqplat::prepare(w[i], T));
   }
   d_in[0].copy_(dh_f);
   d_in[1].narrow(1, nf, ns).copy_(dh_s);
@@ -610,7 +610,7 @@ std::vector<at::Tensor> fs_backward(at::TensorList saved, at::TensorList weights
   for (int64_t i = 0; i < nc; ++i) {
     const int64_t n = width[i];
     const at::Tensor in = i == 0 ? hf.narrow(0, 0, T) : (i == 1 ? ins.narrow(0, 0, T) : (i == 2 ? in2 : saved[kSavedHead + i - 3]));
-    const at::Tensor dw = at::mm(da[i].view({T * B, 4 * n}).t(), in.reshape({T * B, in_u[i] + n}));
+    const at::Tensor dw = seqplat::outer(da[i].view({T * B, 4 * n}), in.reshape({T * B, in_u[i] + n}));
     out.insert(out.end(), {da[i], dw, acc_b[i].sum(0), acc_g4[i].sum(0), acc_s4[i].sum(0), acc_gc[i].sum(0),
                            acc_sc[i].sum(0)});
   }

@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import CppKernel
+from seqplat.core.gemm import outer
 from seqplat.core.workspace import Workspace
 
 _aten = torch.ops.aten
@@ -398,15 +399,6 @@ class GAMRHNRecurrence(torch.autograd.Function):
         return (dxp, dm, ds, None, None, None, None, *grads)
 
 
-def _outer(x: Tensor, g: Tensor) -> Tensor:
-    """``x^T @ g`` over all steps (``x [T*b, k]``, ``g [T*b, n]``). For k and n both >= 512 MKL ran the
-    transposed product ``(g^T @ x)^T`` 1.2-1.9x faster on one thread (and the result then has the layout of
-    the parameter it goes to); smaller shapes were faster as they are."""
-    if x.shape[1] >= 512 and g.shape[1] >= 512:
-        return (g.t() @ x).t()
-    return x.t() @ g
-
-
 def _weight_grads(buf: dict[str, Tensor], sb: dict[str, Tensor], dims: tuple, steps: int,
                   b: int) -> list[Tensor | None]:
     """The weight gradients from the saved buffers and the per-step gradients: one GEMM per matrix over
@@ -419,18 +411,18 @@ def _weight_grads(buf: dict[str, Tensor], sb: dict[str, Tensor], dims: tuple, st
     g0 = dg0.view(tb, -1)
     da0 = sb["da0"].view(tb, 2 * sn)
     grads: list[Tensor | None] = [
-        _outer(s_in[0].view(tb, d), g0[:, d : 4 * d + h]),  # w_s0
+        outer(s_in[0].view(tb, d), g0[:, d : 4 * d + h]),  # w_s0
         g0[:, d : 3 * d].sum(0),  # b_g0
-        g0[:, -n:].t() @ buf["u"].view(tb, d),  # w_ms
-        buf["pre"].view(tb, -1)[:, 2 * d : 2 * d + h].t() @ da0,  # w_ad0
+        outer(g0[:, -n:], buf["u"].view(tb, d)),  # w_ms
+        outer(buf["pre"].view(tb, -1)[:, 2 * d : 2 * d + h], da0),  # w_ad0
         da0.sum(0),  # b_ad0
     ]
     for i in range(depth):
         gi = g0 if i == 0 else sb["dgl"][i - 1].view(tb, -1)
         dv = gi[:, :d]
-        grads += [_outer(buf["xr"][i].view(tb, n), gi[:, : 3 * d]), dv.sum(0), _outer(buf["rs"][i].view(tb, d), dv)]
+        grads += [outer(buf["xr"][i].view(tb, n), gi[:, : 3 * d]), dv.sum(0), outer(buf["rs"][i].view(tb, d), dv)]
         if i >= 1:
             da = sb["da"][i - 1].view(tb, sn)
-            grads += [_outer(s_in[i].view(tb, d), gi[:, d:]), gi[:, d : 3 * d].sum(0),
-                      buf["hs"][i - 1].view(tb, -1)[:, 2 * d :].t() @ da, da.sum(0)]
+            grads += [outer(s_in[i].view(tb, d), gi[:, d:]), gi[:, d : 3 * d].sum(0),
+                      outer(buf["hs"][i - 1].view(tb, -1)[:, 2 * d :], da), da.sum(0)]
     return grads

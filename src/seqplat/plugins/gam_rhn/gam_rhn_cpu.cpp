@@ -185,15 +185,15 @@ void gam_rhn_forward(const at::Tensor& xp_in, const at::Tensor& m0_in, const at:
   const at::Tensor w_ad0 = w[3], b_ad0 = w[4].contiguous();
   const std::vector<LayerW> lw = layers_of(w, L, false);
   // the per-step products (oneDNN for large float32 matrices, see seqplat_gemm.h)
-  const seqplat::StepMatrix m_s0 = seqplat::prepare(w_s0), m_ad0 = seqplat::prepare(w_ad0),
-                            m_ms = seqplat::prepare(w_ms_t);
+  const seqplat::StepMatrix m_s0 = seqplat::prepare(w_s0, T), m_ad0 = seqplat::prepare(w_ad0, T),
+                            m_ms = seqplat::prepare(w_ms_t, T);
   std::vector<seqplat::StepMatrix> m_xr(L), m_cs(L), m_hs(L), m_a(L);
   for (int64_t i = 0; i < L; ++i) {
-    m_xr[i] = seqplat::prepare(lw[i].w_xr);
-    m_cs[i] = seqplat::prepare(lw[i].w_cs);
+    m_xr[i] = seqplat::prepare(lw[i].w_xr, T);
+    m_cs[i] = seqplat::prepare(lw[i].w_cs, T);
     if (i >= 1) {
-      m_hs[i] = seqplat::prepare(lw[i].w_hs);
-      m_a[i] = seqplat::prepare(lw[i].w_a);
+      m_hs[i] = seqplat::prepare(lw[i].w_hs, T);
+      m_a[i] = seqplat::prepare(lw[i].w_a, T);
     }
   }
   const at::Tensor mg = mask_g ? mask_g->contiguous() : at::ones({B, N}, xp.options());
@@ -403,15 +403,15 @@ std::tuple<at::Tensor, at::Tensor> gam_rhn_backward(const at::Tensor& dys_in, co
   }
   const at::Tensor w_s0 = w[0].contiguous(), w_ms = w[2], w_ad0 = w[3].contiguous();
   const std::vector<LayerW> lw = layers_of(w, L, true);
-  const seqplat::StepMatrix d_s0 = seqplat::prepare(w_s0.t()), d_ad0 = seqplat::prepare(w_ad0.t()),
-                            d_ms = seqplat::prepare(w_ms);
+  const seqplat::StepMatrix d_s0 = seqplat::prepare(w_s0.t(), T), d_ad0 = seqplat::prepare(w_ad0.t(), T),
+                            d_ms = seqplat::prepare(w_ms, T);
   std::vector<seqplat::StepMatrix> d_xr(L), d_cs(L), d_hs(L), d_a(L);
   for (int64_t i = 0; i < L; ++i) {
-    d_xr[i] = seqplat::prepare(lw[i].w_xr.t());
-    d_cs[i] = seqplat::prepare(lw[i].w_cs.t());
+    d_xr[i] = seqplat::prepare(lw[i].w_xr.t(), T);
+    d_cs[i] = seqplat::prepare(lw[i].w_cs.t(), T);
     if (i >= 1) {
-      d_hs[i] = seqplat::prepare(lw[i].w_hs.t());
-      d_a[i] = seqplat::prepare(lw[i].w_a.t());
+      d_hs[i] = seqplat::prepare(lw[i].w_hs.t(), T);
+      d_a[i] = seqplat::prepare(lw[i].w_a.t(), T);
     }
   }
   const at::Tensor mg = mask_g ? mask_g->to(dtype).contiguous() : at::ones({B, N}, mem.options());

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from seqplat import CellConfig, StepCell
 from seqplat.core.cell import State
+from seqplat.core.gemm import projection
 
 from .scan import phased_lstm_scan, resolve_backend, time_gate_cpp
 
@@ -266,7 +267,7 @@ class PhasedLSTMCell(StepCell):
         times_tb = times.t()
         ks = self._fast_openness(times_tb, x).to(x.dtype)  # (T1)-(T2), time-major [t,b,h] as the scan reads it
         self._record(ks, times_tb)
-        xp = torch.addmm(self.bias, x.transpose(0, 1).reshape(n * b, -1), self.weight_ih)  # [t*b, 4h]
+        xp = projection(x.transpose(0, 1).reshape(n * b, -1), self.weight_ih.t(), self.bias)  # [t*b, 4h]
         y, c = phased_lstm_scan(xp.reshape(n, b, -1), ks, h, c, self.weight_hh,
                                 self.peephole, self.config.gate_grad_clip, self.config.backend)
         y = y.transpose(0, 1)

@@ -42,9 +42,9 @@ using seqplat::for_rows;
 using seqplat::row_grain;
 using seqplat::sigmoid;
 
-// `z` holds h_{j-1} W_h on entry (xp_j is added here) and the activated i, f, g, o on exit
+// `p` holds h_{j-1} W_h (it may be `z` itself; xp_j is added here); the activated i, f, g, o go to `z`
 template <typename scalar_t>
-void forward_cell(scalar_t* z, const scalar_t* xp, const scalar_t* k, const scalar_t* c_prev, const scalar_t* h_prev,
+void forward_cell(const scalar_t* p, scalar_t* z, const scalar_t* xp, const scalar_t* k, const scalar_t* c_prev, const scalar_t* h_prev,
                   const scalar_t* peep, scalar_t* c_new, scalar_t* ct, scalar_t* tc, scalar_t* h_new, int64_t B,
                   int64_t H) {
   const scalar_t* w_ci = peep;
@@ -52,6 +52,7 @@ void forward_cell(scalar_t* z, const scalar_t* xp, const scalar_t* k, const scal
   const scalar_t* w_co = peep + 2 * H;
   for_rows(B, row_grain(4 * H, 16384), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* pr = p + r * 4 * H;
       scalar_t* zr = z + r * 4 * H;
       const scalar_t* xr = xp + r * 4 * H;
       const int64_t o_ = r * H;
@@ -59,11 +60,11 @@ void forward_cell(scalar_t* z, const scalar_t* xp, const scalar_t* k, const scal
       for (int64_t u = 0; u < H; ++u) {
         const scalar_t cp = c_prev[o_ + u];
         // (L1) z = xp_j + h_{j-1} W_h, then (L2)
-        const scalar_t i = sigmoid(zr[u] + xr[u] + w_ci[u] * cp);
-        const scalar_t f = sigmoid(zr[H + u] + xr[H + u] + w_cf[u] * cp);
-        const scalar_t g = std::tanh(zr[2 * H + u] + xr[2 * H + u]);
+        const scalar_t i = sigmoid(pr[u] + xr[u] + w_ci[u] * cp);
+        const scalar_t f = sigmoid(pr[H + u] + xr[H + u] + w_cf[u] * cp);
+        const scalar_t g = std::tanh(pr[2 * H + u] + xr[2 * H + u]);
         const scalar_t cn = f * cp + i * g;                                    // (L3) c~
-        const scalar_t o = sigmoid(zr[3 * H + u] + xr[3 * H + u] + w_co[u] * cn);  // (L4)
+        const scalar_t o = sigmoid(pr[3 * H + u] + xr[3 * H + u] + w_co[u] * cn);  // (L4)
         const scalar_t t = std::tanh(cn);
         const scalar_t kv = k[o_ + u];
         const scalar_t hp = h_prev[o_ + u];
@@ -80,11 +81,12 @@ void forward_cell(scalar_t* z, const scalar_t* xp, const scalar_t* k, const scal
   });
 }
 
-// dh holds h_j's gradient from step j+1 on entry (without the output gradient gy) and (1 - k) dh_j on
-// exit (the caller adds dz W_h^T); dc holds dc_j on entry and dc_{j-1} on exit.
+// h_j's gradient is dh + dh_mm + gy: dh holds (1 - k) dh_{j+1} on entry and (1 - k) dh_j on exit, dh_mm the
+// product dz_{j+1} W_h^T (zeros at the last step); dc holds dc_j on entry and dc_{j-1} on exit.
 template <typename scalar_t>
 void backward_cell(const scalar_t* act, const scalar_t* ct, const scalar_t* tc, const scalar_t* c_prev,
-                   const scalar_t* h_prev, const scalar_t* k, const scalar_t* gy, const scalar_t* peep, scalar_t* dh,
+                   const scalar_t* h_prev, const scalar_t* k, const scalar_t* gy, const scalar_t* peep,
+                   const scalar_t* dh_mm, scalar_t* dh,
                    scalar_t* dc, scalar_t* dz, scalar_t* dzc, scalar_t* dk, scalar_t clip, int64_t B, int64_t H) {
   const scalar_t* w_ci = peep;
   const scalar_t* w_cf = peep + H;
@@ -101,7 +103,7 @@ void backward_cell(const scalar_t* act, const scalar_t* ct, const scalar_t* tc, 
         const scalar_t i = ar[u], f = ar[H + u], g = ar[2 * H + u], o = ar[3 * H + u];
         const scalar_t cn = ct[o_ + u], t = tc[o_ + u], cp = c_prev[o_ + u], hp = h_prev[o_ + u];
         const scalar_t kv = k[o_ + u];
-        const scalar_t dhv = dh[o_ + u] + gy[o_ + u];
+        const scalar_t dhv = dh[o_ + u] + dh_mm[o_ + u] + gy[o_ + u];
         const scalar_t dcv = dc[o_ + u];
         dk[o_ + u] = dhv * (o * t - hp) + dcv * (cn - cp);                       // (P1), (P2)
         const scalar_t dht = dhv * kv;                                           // (P2): grad of h~
@@ -156,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> phased_fo
   const int64_t T = xp.size(0), B = xp.size(1), H = xp.size(2) / 4;
   at::Tensor acts = at::empty_like(xp);
   at::Tensor hs = at::empty({T + 1, B, H}, xp.options());
-  const seqplat::StepMatrix wf = seqplat::prepare(w_hh);
+  const seqplat::StepMatrix wf = seqplat::prepare(w_hh, T);
   at::Tensor cs = at::empty({T + 1, B, H}, xp.options());
   at::Tensor ct = at::empty({T, B, H}, xp.options());
   at::Tensor tc = at::empty({T, B, H}, xp.options());
@@ -174,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> phased_fo
     const int64_t s4 = B * 4 * H, s1 = B * H;
     for (int64_t j = 0; j < T; ++j) {
       at::Tensor z = acts[j];
-      seqplat::mm_into(z, hs[j], wf);  // h_{j-1} W_h of (L1)
-      forward_cell<scalar_t>(a_p + j * s4, xp_p + j * s4, k_p + j * s1, cs_p + j * s1, hs_p + j * s1,
+      const at::Tensor p = seqplat::mm_result(z, hs[j], wf);  // h_{j-1} W_h of (L1)
+      forward_cell<scalar_t>(p.const_data_ptr<scalar_t>(), a_p + j * s4, xp_p + j * s4, k_p + j * s1, cs_p + j * s1, hs_p + j * s1,
                              peep.const_data_ptr<scalar_t>(), cs_p + (j + 1) * s1, ct_p + j * s1, tc_p + j * s1,
                              hs_p + (j + 1) * s1, B, H);
     }
@@ -197,8 +199,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> phased_ba
   at::Tensor dzc = clip >= 0 ? at::empty_like(acts) : dz;
   at::Tensor dk = at::empty_like(k);
   at::Tensor dh = at::zeros({B, H}, acts.options());
+  at::Tensor mm_buf = at::zeros({B, H}, acts.options());
+  at::Tensor dh_mm = mm_buf;  // dz_{j+1} W_h^T: in mm_buf (MKL) or a new tensor (oneDNN), read without a copy
   at::Tensor dc = gc_in.to(dtype).clone().contiguous();
-  const seqplat::StepMatrix wb = seqplat::prepare(w_t);
+  const seqplat::StepMatrix wb = seqplat::prepare(w_t, T);
   AT_DISPATCH_FLOATING_TYPES(dtype, "phased_backward", [&] {
     const scalar_t* a_p = acts.const_data_ptr<scalar_t>();
     const scalar_t* hs_p = hs.const_data_ptr<scalar_t>();
@@ -214,11 +218,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> phased_ba
     for (int64_t j = T - 1; j >= 0; --j) {
       backward_cell<scalar_t>(a_p + j * s4, ct_p + j * s1, tc_p + j * s1, cs_p + j * s1, hs_p + j * s1,
                               k_p + j * s1, gy_p + j * s1, peep.const_data_ptr<scalar_t>(),
-                              dh.mutable_data_ptr<scalar_t>(), dc.mutable_data_ptr<scalar_t>(), dz_p + j * s4,
+                              dh_mm.const_data_ptr<scalar_t>(), dh.mutable_data_ptr<scalar_t>(), dc.mutable_data_ptr<scalar_t>(), dz_p + j * s4,
                               dzc_p + j * s4, dk_p + j * s1, static_cast<scalar_t>(clip), B, H);
-      seqplat::addmm_into(dh, dzc[j], wb);  // (L1): dh_{j-1} = (1 - k) dh_j + dz W_h^T
+      dh_mm = seqplat::mm_result(mm_buf, dzc[j], wb);  // (L1): dh_{j-1} = (1 - k) dh_j + dz W_h^T
     }
   });
+  dh.add_(dh_mm);
   return {dz, dzc, dk, dh, dc};
 }
 

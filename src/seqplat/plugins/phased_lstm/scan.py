@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import CppKernel
+from seqplat.core.gemm import outer
 
 CPP_SOURCE = Path(__file__).with_name("phased_lstm_cpu.cpp")
 Backend = Literal["auto", "cpp", "python"]
@@ -65,7 +66,7 @@ class PhasedLSTMScanCpp(torch.autograd.Function):
         dz, dzc, dk, dh0, dc0 = torch.ops.seqplat_phased_lstm.backward(acts, hs, cs, ct, tc, k, w_hh, peep, gy, gc,
                                                                        clip)
         # (L1): dW_h = sum_j h_{j-1}^T dz_j, one GEMM over all steps (clipped dz, as it reaches W_h)
-        d_w_hh = hs[:-1].reshape(n * b, hid).t() @ dzc.view(n * b, 4 * hid)
+        d_w_hh = outer(hs[:-1].reshape(n * b, hid), dzc.view(n * b, 4 * hid))
         d_peep = None
         if ctx.has_peephole and ctx.needs_input_grad[5]:
             c_prev = cs[:-1]

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from seqplat import CellConfig, StepCell
 from seqplat.core.cell import State
+from seqplat.core.gemm import projection
 from seqplat.core.workspace import Workspace
 
 from .common import (
@@ -239,7 +240,8 @@ class RHNCell(StepCell):
         masks = self.draw_masks(x.shape[0], x)  # same draws, same order as the reference path
         w_ih, b_ih, w_hh, b_hh = self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh  # read once
         x_in = x if masks.input is None else x * masks.input.unsqueeze(1)
-        xp = F.linear(x_in.transpose(0, 1), w_ih, b_ih)  # [t, b, 2n]: (W_H x_t ; W_T x_t) (+ b_in), all steps
+        xt = x_in.transpose(0, 1)  # (W_H x_t ; W_T x_t) (+ b_in) of all steps, [t, b, 2n]:
+        xp = projection(xt.reshape(-1, xt.shape[-1]), w_ih, b_ih).view(*xt.shape[:2], -1)
         mask_g = self._gate_masks(xp.shape[0], x.shape[0], x)
         needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in (xp, state, w_hh, b_hh))
         backend = resolve_backend(self.config.backend, xp)

@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import CppKernel
+from seqplat.core.gemm import outer, outer_batched
 from seqplat.core.workspace import Workspace
 
 CPP_SOURCE = Path(__file__).with_name("rhn_cpu.cpp")
@@ -273,7 +274,7 @@ class RHNRecurrence(torch.autograd.Function):
         for layer in range(depth):
             flat_du = du[layer].view(steps * b, 2 * n)
             flat_drs = flat_du if scales is None else drs[layer].view(steps * b, 2 * n)
-            torch.mm(flat_drs.t(), s_in_buf[layer].view(steps * b, n), out=d_weight[layer])
+            d_weight[layer].copy_(outer(flat_drs, s_in_buf[layer].view(steps * b, n)))
             torch.sum(flat_du, 0, out=d_bias[layer])  # b^l enters every step's u^l (b^1 through xp + b^1)
             if d_scales is not None:  # H3: dL/dz = sum over the H and T halves of du * rs
                 prod = (du[layer] * ctx.buffers[3][layer]).view(steps, b, 2, n)
@@ -306,7 +307,7 @@ class RHNRecurrence(torch.autograd.Function):
         # weight gradients: one GEMM per micro-layer over all steps (rs = s_in R^T  =>  dR = drs^T s_in)
         flat_du = du.view(depth, steps * b, 2 * n)
         flat_drs = flat_du if drs is None else drs.view(depth, steps * b, 2 * n)
-        d_weight = torch.bmm(flat_drs.transpose(1, 2), s_in_buf.view(depth, steps * b, n))
+        d_weight = outer_batched(flat_drs, s_in_buf.view(depth, steps * b, n))
         d_bias = flat_du.sum(1)
         d_scales = None
         if scales is not None:  # H3: dL/dz = sum over the H and T halves of du * rs

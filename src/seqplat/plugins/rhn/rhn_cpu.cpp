@@ -154,13 +154,12 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
   at::Tensor ones = at::ones({B, n}, xp.options());         // the mask that is absent
   at::Tensor zeros = at::zeros({B, 2 * n}, xp.options());   // xp above micro-layer 1
   std::vector<seqplat::StepMatrix> wf;
-  for (int64_t l = 0; l < L; ++l) wf.push_back(seqplat::prepare(w[l].t()));
+  for (int64_t l = 0; l < L; ++l) wf.push_back(seqplat::prepare(w[l].t(), T));
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "rhn_forward", [&] {
     const scalar_t* mh = mask_h ? mask_h->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* mg = mask_g ? mask_g->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* one_p = ones.const_data_ptr<scalar_t>();
     const scalar_t* z_p = scales ? scales->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* rs_p = rs ? rs->mutable_data_ptr<scalar_t>() : nullptr;
     const scalar_t* zero_p = zeros.const_data_ptr<scalar_t>();
     scalar_t* si_p = s_in.mutable_data_ptr<scalar_t>();
     scalar_t* a_p = a.mutable_data_ptr<scalar_t>();
@@ -181,7 +180,13 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
       for (int64_t l = 0; l < L; ++l) {
         const int64_t buf = l * K + k;  // [l, k] of the [L, K, ...] buffers
         at::Tensor mm_lk = rs ? (*rs)[l][k] : a[l][k];
-        seqplat::mm_into(mm_lk, s_in[l][k], wf[l]);  // s_in R_l^T
+        // s_in R_l^T: kept in rs for the backward (hyper scales), else read where it lands (a, or oneDNN's output)
+        at::Tensor prod = mm_lk;
+        if (rs) {
+          seqplat::mm_into(mm_lk, s_in[l][k], wf[l]);
+        } else {
+          prod = seqplat::mm_result(mm_lk, s_in[l][k], wf[l]);
+        }
         scalar_t* s_out;
         scalar_t* s_in_next = nullptr;
         if (l == L - 1) {
@@ -192,7 +197,7 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
           s_out = mh == nullptr ? s_in_next : sc_p + (l % 2) * s1;
           if (mh == nullptr) s_in_next = nullptr;  // s_out is the next s_in already
         }
-        forward_cell<scalar_t>(rs_p != nullptr ? rs_p + buf * s2 : a_p + buf * s2, a_p + buf * s2,
+        forward_cell<scalar_t>(prod.const_data_ptr<scalar_t>(), a_p + buf * s2,
                                z_p != nullptr ? z_p + (l * T + j) * s1 : one_p,
                                l == 0 ? xp_p + j * s2 : zero_p, b_p + l * 2 * n, s,
                                mg != nullptr ? mg + (j * L + l) * s1 : one_p, mh != nullptr ? mh : one_p,
@@ -222,7 +227,7 @@ at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& ma
   at::Tensor tmp = mask_h ? at::empty({B, n}, a.options()) : at::Tensor();
   at::Tensor ones = at::ones({B, n}, a.options());  // the gate mask that is absent (a branch-free loop)
   std::vector<seqplat::StepMatrix> wb;
-  for (int64_t l = 0; l < L; ++l) wb.push_back(seqplat::prepare(w[l]));
+  for (int64_t l = 0; l < L; ++l) wb.push_back(seqplat::prepare(w[l], T));
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "rhn_backward", [&] {
     const scalar_t* mh = mask_h ? mask_h->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* mg = mask_g ? mask_g->const_data_ptr<scalar_t>() : nullptr;

@@ -1,0 +1,110 @@
+"""Weight-gradient products ``a^T @ b`` over many rows, on the faster of MKL and oneDNN.
+
+The hand-written backwards compute each weight gradient as one product over all time steps:
+``a [T*b, m]^T @ b [T*b, n]``. torch runs float32 ``mm`` through MKL, which uses AVX2 but not AVX-512
+on AMD CPUs: on a 2-core AVX-512 AMD EPYC (Zen 5) it ran ``[4096, 3200] x [3200, 1024]`` at about 230
+GFLOP/s, where oneDNN's inner product (``mkldnn::_linear_pointwise``) ran the same product on transposed
+copies of both factors in about 0.55x the time, copies included. The C++ loops make the same choice in
+``core/include/seqplat_gemm.h`` (``seqplat::outer``).
+
+``SEQPLAT_STEP_GEMM=mm`` or ``onednn`` forces one route, as for the per-step products.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+#: oneDNN from this many elements of the result on (1024 x 256); smaller ones were as fast or faster on MKL
+ONEDNN_MIN_OUTER = 1 << 18
+#: on the MKL route, ``(b^T a)^T`` instead of ``a^T b`` when both widths reach this (1.2-1.9x on one thread)
+MKL_SWAP_MIN = 512
+
+
+@functools.cache
+def cpu_has_avx512() -> bool:
+    """Whether torch's CPU kernels run AVX-512 here (``ATEN_CPU_CAPABILITY`` can lower it)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _route() -> str:
+    return os.environ.get("SEQPLAT_STEP_GEMM", "auto")
+
+
+def outer_uses_onednn(a: Tensor, b: Tensor) -> bool:
+    """Whether :func:`outer` takes oneDNN for these factors."""
+    route = _route()
+    if route == "mm" or not torch.backends.mkldnn.is_available():
+        return False
+    if a.dtype != torch.float32 or b.dtype != torch.float32 or a.device.type != "cpu" or b.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return False  # the oneDNN op has no autograd formula
+    if route == "onednn":
+        return True
+    return cpu_has_avx512() and a.shape[1] * b.shape[1] >= ONEDNN_MIN_OUTER
+
+
+def outer(a: Tensor, b: Tensor) -> Tensor:
+    """``a^T @ b`` for ``a [rows, m]`` and ``b [rows, n]``: ``[m, n]``, summed over the rows."""
+    if outer_uses_onednn(a, b):
+        # linear(x, w) = x @ w^T with x = a^T [m, rows] and w = b^T [n, rows], both contiguous
+        return torch.ops.mkldnn._linear_pointwise(a.t().contiguous(), b.t().contiguous(), None, "none", [], "")
+    if a.shape[1] >= MKL_SWAP_MIN and b.shape[1] >= MKL_SWAP_MIN:
+        return (b.t() @ a).t()
+    return a.t() @ b
+
+
+
+def outer_batched(a: Tensor, b: Tensor) -> Tensor:
+    """:func:`outer` of each pair: ``a [k, rows, m]``, ``b [k, rows, n]`` -> ``[k, m, n]`` (one weight gradient
+    per layer of a stack, e.g. an RHN's micro-layers)."""
+    if a.shape[0] > 0 and outer_uses_onednn(a[0], b[0]):
+        return torch.stack([outer(x, y) for x, y in zip(a, b, strict=True)])
+    return torch.bmm(a.transpose(1, 2), b)
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x @ w^T + b`` through oneDNN's inner product (no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+class _OnednnProjection(torch.autograd.Function):
+    """``x @ w^T + b`` with oneDNN in both directions: the forward and ``dx = g w`` as inner products, ``dw`` as
+    :func:`outer`, ``db`` a sum over the rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _linear(x.contiguous(), w.contiguous(), None if b is None else b.contiguous())
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        g = g.contiguous()
+        dx = _linear(g, w.t().contiguous(), None) if ctx.needs_input_grad[0] else None
+        dw = outer(g, x) if ctx.needs_input_grad[1] else None
+        db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def projection_uses_onednn(x: Tensor, w: Tensor) -> bool:
+    """Whether :func:`projection` takes oneDNN (float32 CPU; on an AVX-512 CPU or when forced)."""
+    route = _route()
+    if route == "mm" or not torch.backends.mkldnn.is_available():
+        return False
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu":
+        return False
+    return route == "onednn" or cpu_has_avx512()
+
+
+def projection(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """``x [rows, k] @ w [n, k]^T + b [n]``, differentiable: the hoisted input projection of a recurrent layer
+    (all its steps' rows at once). On the oneDNN route both directions run oneDNN (MKL runs AVX2 on AMD CPUs);
+    otherwise it is ``torch.addmm``."""
+    if projection_uses_onednn(x, w):
+        return _OnednnProjection.apply(x, w, b)
+    return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
