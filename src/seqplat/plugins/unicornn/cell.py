@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from seqplat import Cell, StepCell
 from seqplat.core.cell import State
+from seqplat.core.gemm import projection
 
 from .config import CoRNNConfig, UnICORNNConfig
 from .recurrence import fused_scan, reference_scan
@@ -99,7 +100,11 @@ class UnICORNNCell(Cell):
     def _run(self, x: Tensor, state: State, fast: bool) -> tuple[Tensor, State]:
         new_state = []
         for layer, (y0, z0) in zip(self.layers, state, strict=True):
-            pre = layer.linear(x)                                  # (U1), all t at once
+            if fast:  # (U1), all t at once (oneDNN both ways on AVX-512 CPUs, see seqplat.core.gemm)
+                lin = layer.linear
+                pre = projection(x.reshape(-1, x.shape[-1]), lin.weight, lin.bias).view(*x.shape[:-1], -1)
+            else:
+                pre = layer.linear(x)                              # (U1), all t at once
             y0, z0 = y0.to(pre.dtype), z0.to(pre.dtype)
             if fast:  # the kernel applies the dropout mask as it writes the outputs (one mask per layer)
                 mask = self.dropout_mask(pre)
