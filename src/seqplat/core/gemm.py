@@ -3,8 +3,11 @@
 The hand-written backwards compute each weight gradient as one product over all time steps:
 ``a [T*b, m]^T @ b [T*b, n]``. torch runs float32 ``mm`` through MKL, which uses AVX2 but not AVX-512
 on AMD CPUs: on a 2-core AVX-512 AMD EPYC (Zen 5) it ran ``[4096, 3200] x [3200, 1024]`` at about 230
-GFLOP/s, where oneDNN's inner product (``mkldnn::_linear_pointwise``) ran the same product on transposed
-copies of both factors in about 0.55x the time, copies included. The C++ loops make the same choice in
+GFLOP/s. oneDNN's inner-product backward-weights primitive (``torch.mkldnn_linear_backward_weights``)
+takes both factors in their row layout, as the weight gradient of a linear layer: it took 0.5-0.6x of
+``mm``'s time at H=256 sizes (``[1024, 3200] x [3200, 256]``: 4.6 against 8.6 ms, copies into oneDNN's
+tensors included) and 0.53x at ``[4096, 3200] x [3200, 1024]`` (66 against 125 ms); below about 2^14
+result elements the two were level. The C++ loops make the same choice in
 ``core/include/seqplat_gemm.h`` (``seqplat::outer``).
 
 ``SEQPLAT_STEP_GEMM=mm`` or ``onednn`` forces one route, as for the per-step products.
@@ -18,8 +21,8 @@ import os
 import torch
 from torch import Tensor
 
-#: oneDNN from this many elements of the result on (1024 x 256); smaller ones were as fast or faster on MKL
-ONEDNN_MIN_OUTER = 1 << 18
+#: oneDNN from this many elements of the result on (128 x 128); smaller ones were as fast on MKL
+ONEDNN_MIN_OUTER = 1 << 14
 #: on the MKL route, ``(b^T a)^T`` instead of ``a^T b`` when both widths reach this (1.2-1.9x on one thread)
 MKL_SWAP_MIN = 512
 
@@ -51,8 +54,11 @@ def outer_uses_onednn(a: Tensor, b: Tensor) -> bool:
 def outer(a: Tensor, b: Tensor) -> Tensor:
     """``a^T @ b`` for ``a [rows, m]`` and ``b [rows, n]``: ``[m, n]``, summed over the rows."""
     if outer_uses_onednn(a, b):
-        # linear(x, w) = x @ w^T with x = a^T [m, rows] and w = b^T [n, rows], both contiguous
-        return torch.ops.mkldnn._linear_pointwise(a.t().contiguous(), b.t().contiguous(), None, "none", [], "")
+        # the weight gradient of linear(b) -> a: grad_output a [rows, m], input b [rows, n] -> [m, n]
+        shape = a.new_empty(a.shape[1], b.shape[1]).to_mkldnn()
+        dw = torch.mkldnn_linear_backward_weights(a.contiguous().to_mkldnn(), b.contiguous().to_mkldnn(), shape,
+                                                  False)[0]
+        return dw.to_dense()
     if a.shape[1] >= MKL_SWAP_MIN and b.shape[1] >= MKL_SWAP_MIN:
         return (b.t() @ a).t()
     return a.t() @ b

@@ -177,10 +177,11 @@ inline void addmm_into(at::Tensor& out, const at::Tensor& x, const StepMatrix& s
 }
 
 // a^T @ b for a [rows, m] and b [rows, n] (a weight gradient summed over all steps' rows): [m, n]. On CPUs
-// with AVX-512, float32 results of at least kOnednnMinOuter elements go through oneDNN on transposed
-// copies of both factors (MKL's sgemm runs AVX2 on AMD CPUs; seqplat/core/gemm.py has the measurements and
-// the same rule for the Python backwards); SEQPLAT_STEP_GEMM forces a route as for the step products.
-constexpr int64_t kOnednnMinOuter = int64_t(1) << 18;
+// with AVX-512, float32 results of at least kOnednnMinOuter elements go through oneDNN's inner-product
+// backward-weights primitive, which reads both factors in their row layout (MKL's sgemm runs AVX2 on AMD
+// CPUs; seqplat/core/gemm.py has the measurements and the same rule for the Python backwards);
+// SEQPLAT_STEP_GEMM forces a route as for the step products.
+constexpr int64_t kOnednnMinOuter = int64_t(1) << 14;
 
 inline at::Tensor outer(const at::Tensor& a, const at::Tensor& b) {
   const int route = detail::forced_route();
@@ -189,9 +190,10 @@ inline at::Tensor outer(const at::Tensor& a, const at::Tensor& b) {
   const bool onednn = eligible && route != 1 &&
                       (route == 2 || (detail::cpu_has_avx512() && a.size(1) * b.size(1) >= kOnednnMinOuter));
   if (!onednn) return at::mm(a.t(), b);
-  return (*detail::linear_op())
-      .call(a.t().contiguous(), b.t().contiguous(), std::nullopt, "none", c10::List<std::optional<at::Scalar>>(),
-            std::nullopt);
+  const at::Tensor shape = at::empty({a.size(1), b.size(1)}, a.options()).to_mkldnn();
+  const auto grads = at::mkldnn_linear_backward_weights(a.contiguous().to_mkldnn(), b.contiguous().to_mkldnn(),
+                                                        shape, false);
+  return std::get<0>(grads).to_dense();
 }
 
 }  // namespace seqplat
