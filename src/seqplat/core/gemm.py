@@ -37,16 +37,20 @@ def _route() -> str:
     return os.environ.get("SEQPLAT_STEP_GEMM", "auto")
 
 
+def _onednn_can_run(*tensors: Tensor) -> bool:
+    """oneDNN is there, the route is not forced to ``mm``, and every tensor is float32 on the CPU."""
+    if _route() == "mm" or not torch.backends.mkldnn.is_available():
+        return False
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
 def outer_uses_onednn(a: Tensor, b: Tensor) -> bool:
     """Whether :func:`outer` takes oneDNN for these factors."""
-    route = _route()
-    if route == "mm" or not torch.backends.mkldnn.is_available():
-        return False
-    if a.dtype != torch.float32 or b.dtype != torch.float32 or a.device.type != "cpu" or b.device.type != "cpu":
+    if not _onednn_can_run(a, b):
         return False
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return False  # the oneDNN op has no autograd formula
-    if route == "onednn":
+    if _route() == "onednn":
         return True
     return cpu_has_avx512() and a.shape[1] * b.shape[1] >= ONEDNN_MIN_OUTER
 
@@ -99,12 +103,7 @@ class _OnednnProjection(torch.autograd.Function):
 
 def projection_uses_onednn(x: Tensor, w: Tensor) -> bool:
     """Whether :func:`projection` takes oneDNN (float32 CPU; on an AVX-512 CPU or when forced)."""
-    route = _route()
-    if route == "mm" or not torch.backends.mkldnn.is_available():
-        return False
-    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu":
-        return False
-    return route == "onednn" or cpu_has_avx512()
+    return _onednn_can_run(x, w) and (_route() == "onednn" or cpu_has_avx512())
 
 
 def projection(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:

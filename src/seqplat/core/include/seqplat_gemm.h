@@ -46,29 +46,26 @@ namespace detail {
 using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                             c10::string_view, c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
 
-// the typed handle of mkldnn::_linear_pointwise, or nullopt where torch was built without it
+// the typed handle of a oneDNN op of torch, or nullopt where torch was built without oneDNN
+template <typename Fn>
+std::optional<c10::TypedOperatorHandle<Fn>> find_op(const char* name) {
+  if (!at::hasMKLDNN()) return std::nullopt;
+  auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+  if (!handle.has_value()) return std::nullopt;
+  return handle->template typed<Fn>();
+}
+
+// mkldnn::_linear_pointwise (x @ w^T through oneDNN's inner product)
 inline const std::optional<c10::TypedOperatorHandle<LinearFn>>& linear_op() {
-  static const std::optional<c10::TypedOperatorHandle<LinearFn>> op =
-      []() -> std::optional<c10::TypedOperatorHandle<LinearFn>> {
-    if (!at::hasMKLDNN()) return std::nullopt;
-    auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-    if (!handle.has_value()) return std::nullopt;
-    return handle->typed<LinearFn>();
-  }();
+  static const auto op = find_op<LinearFn>("mkldnn::_linear_pointwise");
   return op;
 }
 
 using ReorderFn = at::Tensor(const at::Tensor&, std::optional<int64_t>);
 
-// the typed handle of mkldnn::_reorder_linear_weight (oneDNN's blocked weight layout), or nullopt
+// mkldnn::_reorder_linear_weight (a weight in oneDNN's blocked layout)
 inline const std::optional<c10::TypedOperatorHandle<ReorderFn>>& reorder_op() {
-  static const std::optional<c10::TypedOperatorHandle<ReorderFn>> op =
-      []() -> std::optional<c10::TypedOperatorHandle<ReorderFn>> {
-    if (!at::hasMKLDNN()) return std::nullopt;
-    auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""});
-    if (!handle.has_value()) return std::nullopt;
-    return handle->typed<ReorderFn>();
-  }();
+  static const auto op = find_op<ReorderFn>("mkldnn::_reorder_linear_weight");
   return op;
 }
 
