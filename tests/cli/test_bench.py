@@ -141,3 +141,23 @@ def test_bench_times_a_timestamp_cell_whatever_the_recipes_task():
     assert result.exit_code == 0, result.output
     (r,) = json.loads(result.output)
     assert r["name"] == "phased_lstm" and r["train_tokens_per_s"] > 0
+
+
+def test_matmul_peak_takes_the_faster_of_mm_and_onednn(monkeypatch):
+    import torch
+
+    from seqplat.core import bench
+
+    seen = []
+
+    def fake(fns, repeats, warmup):
+        for fn in fns:
+            assert fn().shape == (64, 64)  # every candidate computes the same product
+        seen.append(len(fns))
+        return [0.004, 0.002][: len(fns)]
+
+    monkeypatch.setattr(bench, "_interleaved_medians", fake)
+    peak = bench.matmul_peak_gflops(n=64)
+    fastest = 0.002 if torch.backends.mkldnn.is_available() else 0.004
+    assert seen == [2 if torch.backends.mkldnn.is_available() else 1]
+    assert peak == pytest.approx(2 * 64**3 / fastest / 1e9)
