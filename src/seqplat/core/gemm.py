@@ -1,4 +1,5 @@
-"""Weight-gradient products ``a^T @ b`` over many rows, on the faster of MKL and oneDNN.
+"""The large products of the hand-written backwards and the hoisted input projections, on the faster of
+MKL and oneDNN.
 
 The hand-written backwards compute each weight gradient as one product over all time steps:
 ``a [T*b, m]^T @ b [T*b, n]``. torch runs float32 ``mm`` through MKL, which uses AVX2 but not AVX-512
@@ -68,7 +69,6 @@ def outer(a: Tensor, b: Tensor) -> Tensor:
     return a.t() @ b
 
 
-
 def outer_batched(a: Tensor, b: Tensor) -> Tensor:
     """:func:`outer` of each pair: ``a [k, rows, m]``, ``b [k, rows, n]`` -> ``[k, m, n]`` (one weight gradient
     per layer of a stack, e.g. an RHN's micro-layers)."""
@@ -76,7 +76,8 @@ def outer_batched(a: Tensor, b: Tensor) -> Tensor:
         return torch.stack([outer(x, y) for x, y in zip(a, b, strict=True)])
     return torch.bmm(a.transpose(1, 2), b)
 
-def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+
+def onednn_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``x @ w^T + b`` through oneDNN's inner product (no autograd)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
@@ -89,13 +90,13 @@ class _OnednnProjection(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        return _linear(x.contiguous(), w.contiguous(), None if b is None else b.contiguous())
+        return onednn_linear(x.contiguous(), w.contiguous(), None if b is None else b.contiguous())
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, w = ctx.saved_tensors
         g = g.contiguous()
-        dx = _linear(g, w.t().contiguous(), None) if ctx.needs_input_grad[0] else None
+        dx = onednn_linear(g, w.t().contiguous(), None) if ctx.needs_input_grad[0] else None
         dw = outer(g, x) if ctx.needs_input_grad[1] else None
         db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
@@ -113,3 +114,9 @@ def projection(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     if projection_uses_onednn(x, w):
         return _OnednnProjection.apply(x, w, b)
     return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+
+
+def project_steps(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """:func:`projection` of every step of a batch-first ``x [b, t, k]``, time major: ``[t, b, n]``."""
+    batch, steps, k = x.shape
+    return projection(x.transpose(0, 1).reshape(steps * batch, k), w, b).view(steps, batch, -1)

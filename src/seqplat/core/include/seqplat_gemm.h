@@ -101,11 +101,17 @@ struct StepMatrix {
   int64_t min_rows = 0;
 };
 
+namespace detail {
+// oneDNN is there, the route is not forced to at::mm, and t is float32 on the CPU
+inline bool onednn_can_run(const at::Tensor& t) {
+  return forced_route() != 1 && t.scalar_type() == at::kFloat && t.device().is_cpu() && linear_op().has_value();
+}
+}  // namespace detail
+
 // whether x @ m goes through oneDNN (float32 CPU m; see the top of this file)
 inline bool use_onednn(const at::Tensor& m) {
   const int route = detail::forced_route();
-  const bool eligible = m.scalar_type() == at::kFloat && m.device().is_cpu() && detail::linear_op().has_value();
-  if (!eligible || route == 1) return false;
+  if (!detail::onednn_can_run(m)) return false;
   if (route == 2) return true;
   return detail::cpu_has_avx512() ? m.numel() * 512 >= kOnednnMinMacsAvx512 : m.numel() >= kOnednnMinElements;
 }
@@ -181,11 +187,9 @@ inline void addmm_into(at::Tensor& out, const at::Tensor& x, const StepMatrix& s
 constexpr int64_t kOnednnMinOuter = int64_t(1) << 14;
 
 inline at::Tensor outer(const at::Tensor& a, const at::Tensor& b) {
-  const int route = detail::forced_route();
-  const bool eligible = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
-                        detail::linear_op().has_value();
-  const bool onednn = eligible && route != 1 &&
-                      (route == 2 || (detail::cpu_has_avx512() && a.size(1) * b.size(1) >= kOnednnMinOuter));
+  const bool onednn = detail::onednn_can_run(a) && detail::onednn_can_run(b) &&
+                      (detail::forced_route() == 2 ||
+                       (detail::cpu_has_avx512() && a.size(1) * b.size(1) >= kOnednnMinOuter));
   if (!onednn) return at::mm(a.t(), b);
   const at::Tensor shape = at::empty({a.size(1), b.size(1)}, a.options()).to_mkldnn();
   const auto grads = at::mkldnn_linear_backward_weights(a.contiguous().to_mkldnn(), b.contiguous().to_mkldnn(),

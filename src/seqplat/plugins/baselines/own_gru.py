@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import CppKernel
-from seqplat.core.gemm import outer, projection
+from seqplat.core.gemm import outer, project_steps
 
 CPP_SOURCE = Path(__file__).with_name("own_gru_cpu.cpp")
 KERNEL = CppKernel(CPP_SOURCE, "seqplat_own_gru_cpu", "gru (impl='own')",
@@ -64,9 +64,7 @@ def own_gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | No
     """One GRU layer, batch first: ``x[b,t,d] -> (y[b,t,h], h_T)``, the same as ``nn.GRU``."""
     if x.shape[1] == 0:
         raise ValueError(f"own gru: x must have at least one time step, got shape {tuple(x.shape)}")
-    b, T, d = x.shape
-    x_tm = x.transpose(0, 1).reshape(T * b, d)
-    xp = projection(x_tm, w_ih, b_ih)
+    xp = project_steps(x, w_ih, b_ih)
     bias = b_hh if b_hh is not None else w_hh.new_zeros(w_hh.shape[0])
-    y, h_n = GRURecurrence.apply(xp.view(T, b, -1), w_hh, bias, h0)
+    y, h_n = GRURecurrence.apply(xp, w_hh, bias, h0)
     return y.transpose(0, 1), h_n

@@ -143,7 +143,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> own_gru_backward(const at::Tensor
     for (int64_t t = T - 1; t >= 0; --t) {
       backward_cell<scalar_t>(act.const_data_ptr<scalar_t>() + t * s3, hn.const_data_ptr<scalar_t>() + t * s1,
                               hs.const_data_ptr<scalar_t>() + t * s1, g_y.const_data_ptr<scalar_t>() + t * s1,
-                              dh_mm.const_data_ptr<scalar_t>(), dh.mutable_data_ptr<scalar_t>(), dxp.mutable_data_ptr<scalar_t>() + t * s3,
+                              dh_mm.const_data_ptr<scalar_t>(), dh.mutable_data_ptr<scalar_t>(),
+                              dxp.mutable_data_ptr<scalar_t>() + t * s3,
                               dgh.mutable_data_ptr<scalar_t>() + t * s3, B, H);
       dh_mm = seqplat::mm_result(mm_buf, dgh[t], wb);  // dh_{t-1} = z dh_t + dgh W_hh (its second term)
     }

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from seqplat.core.cpp_ext import CppKernel
-from seqplat.core.gemm import projection
+from seqplat.core.gemm import project_steps
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,7 @@ resolve_backend = KERNEL.resolve  # "cpp" or "python" for a cell's backend optio
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
     """The input half of (1) for every step in one GEMM: ``x[b,t,d] -> xp[t,b,4h]`` (time major)."""
-    b, T, d = x.shape
-    x_tm = x.transpose(0, 1).reshape(T * b, d)
-    xp = projection(x_tm, w_ih, None if b_ih is None or b_hh is None else b_ih + b_hh)
-    return xp.view(T, b, -1)
+    return project_steps(x, w_ih, None if b_ih is None or b_hh is None else b_ih + b_hh)
 
 
 def own_lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,

@@ -131,8 +131,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_forward(cons
     for (int64_t t = 0; t < T; ++t) {
       at::Tensor a = gates[t];
       const at::Tensor p = seqplat::mm_result(a, hs[t], wm);  // (1) W_hh h_{t-1} (xp_t is added in forward_cell)
-      forward_cell<scalar_t>(p.const_data_ptr<scalar_t>(), a.mutable_data_ptr<scalar_t>(), xp[t].const_data_ptr<scalar_t>(),
-                             cs[t].const_data_ptr<scalar_t>(),
+      forward_cell<scalar_t>(p.const_data_ptr<scalar_t>(), a.mutable_data_ptr<scalar_t>(),
+                             xp[t].const_data_ptr<scalar_t>(), cs[t].const_data_ptr<scalar_t>(),
                              cs[t + 1].mutable_data_ptr<scalar_t>(), tcs[t].mutable_data_ptr<scalar_t>(),
                              hs[t + 1].mutable_data_ptr<scalar_t>(), B, H);
     }

@@ -31,7 +31,7 @@ from seqplat import CellConfig, StepCell, build_cell
 from seqplat.core.cell import Cell, State, flatten_state
 from seqplat.core.config import format_validation_error
 from seqplat.core.errors import SeqplatError
-from seqplat.core.gemm import projection
+from seqplat.core.gemm import project_steps
 
 from .fused import FSLNLSTMRecurrence, FusedPlan, cpp_loop, draw_masks, resolve_backend
 from .ln_lstm import LNLSTMCell
@@ -280,7 +280,7 @@ class FSRNNCell(StepCell):
         zone, drop2, drop3 = draw_masks(steps, b, [c.config.hidden_size for c in cells], keeps,
                                         [c.training for c in cells], p, x)
         # eq. 1's W_x x_t + b of all steps, [t, b, 4n]
-        xp = projection(x.transpose(0, 1).reshape(steps * b, -1), f1.weight_x, f1.bias).view(steps, b, -1)
+        xp = project_steps(x, f1.weight_x, f1.bias)
         params: list[Tensor | None] = []
         for i, c in enumerate(cells):
             if i in (1, 2):  # S and F2: [W_x | W_h] against [u | h_prev]

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from seqplat import StepCell
 from seqplat.core.cell import State
-from seqplat.core.gemm import projection
+from seqplat.core.gemm import project_steps
 from seqplat.core.workspace import Workspace
 
 from .config import GAMRHNConfig
@@ -223,7 +223,7 @@ class GAMRHNCell(StepCell):
         # x_t parts of W_hw, W_r, W_m for every step in one matmul: columns [h_w | r | m_bar], [t, b, H+D+N]
         w_x = torch.cat([self.write_head[:, :d_in], self.reset_weight[:, :d_in], self.value_weight[:, :d_in]])
         b_x = torch.cat([self.reset_bias.new_zeros(h), self.reset_bias, self.value_bias])
-        xp = projection(x.transpose(0, 1).reshape(steps * b, d_in), w_x, b_x).view(steps, b, -1)
+        xp = project_steps(x, w_x, b_x)
         backend = resolve_backend(cfg.backend, xp)
 
         def dense(w: Tensor) -> Tensor:  # the C++ loop takes the [out, in] views as they are (MKL is faster so)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from seqplat import CellConfig, StepCell
 from seqplat.core.cell import State
-from seqplat.core.gemm import projection
+from seqplat.core.gemm import project_steps
 
 from .scan import phased_lstm_scan, resolve_backend, time_gate_cpp
 
@@ -255,7 +255,7 @@ class PhasedLSTMCell(StepCell):
     def fast_forward(self, x: Tensor, state: State, *, times: Tensor | None = None) -> tuple[Tensor, State]:
         """Same maths as ``step``: ``k`` for all steps in one broadcast, the input projection hoisted out
         of the loop, and the loop itself in :class:`~.scan.PhasedLSTMScan` (hand-written backward)."""
-        b, n = x.shape[0], x.shape[1]
+        n = x.shape[1]
         if n == 0:
             return self.reference_forward(x, state, times=times)
         h, c = state[0], state[1]
@@ -267,8 +267,8 @@ class PhasedLSTMCell(StepCell):
         times_tb = times.t()
         ks = self._fast_openness(times_tb, x).to(x.dtype)  # (T1)-(T2), time-major [t,b,h] as the scan reads it
         self._record(ks, times_tb)
-        xp = projection(x.transpose(0, 1).reshape(n * b, -1), self.weight_ih.t(), self.bias)  # [t*b, 4h]
-        y, c = phased_lstm_scan(xp.reshape(n, b, -1), ks, h, c, self.weight_hh,
+        xp = project_steps(x, self.weight_ih.t(), self.bias)  # [t, b, 4h]
+        y, c = phased_lstm_scan(xp, ks, h, c, self.weight_hh,
                                 self.peephole, self.config.gate_grad_clip, self.config.backend)
         y = y.transpose(0, 1)
         h = y[:, -1]

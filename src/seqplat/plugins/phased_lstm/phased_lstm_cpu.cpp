@@ -44,9 +44,9 @@ using seqplat::sigmoid;
 
 // `p` holds h_{j-1} W_h (it may be `z` itself; xp_j is added here); the activated i, f, g, o go to `z`
 template <typename scalar_t>
-void forward_cell(const scalar_t* p, scalar_t* z, const scalar_t* xp, const scalar_t* k, const scalar_t* c_prev, const scalar_t* h_prev,
-                  const scalar_t* peep, scalar_t* c_new, scalar_t* ct, scalar_t* tc, scalar_t* h_new, int64_t B,
-                  int64_t H) {
+void forward_cell(const scalar_t* p, scalar_t* z, const scalar_t* xp, const scalar_t* k, const scalar_t* c_prev,
+                  const scalar_t* h_prev, const scalar_t* peep, scalar_t* c_new, scalar_t* ct, scalar_t* tc,
+                  scalar_t* h_new, int64_t B, int64_t H) {
   const scalar_t* w_ci = peep;
   const scalar_t* w_cf = peep + H;
   const scalar_t* w_co = peep + 2 * H;

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from seqplat import CellConfig, StepCell
 from seqplat.core.cell import State
-from seqplat.core.gemm import projection
+from seqplat.core.gemm import project_steps
 from seqplat.core.workspace import Workspace
 
 from .common import (
@@ -240,8 +240,7 @@ class RHNCell(StepCell):
         masks = self.draw_masks(x.shape[0], x)  # same draws, same order as the reference path
         w_ih, b_ih, w_hh, b_hh = self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh  # read once
         x_in = x if masks.input is None else x * masks.input.unsqueeze(1)
-        xt = x_in.transpose(0, 1)  # (W_H x_t ; W_T x_t) (+ b_in) of all steps, [t, b, 2n]:
-        xp = projection(xt.reshape(-1, xt.shape[-1]), w_ih, b_ih).view(*xt.shape[:2], -1)
+        xp = project_steps(x_in, w_ih, b_ih)  # (W_H x_t ; W_T x_t) (+ b_in) of all steps, [t, b, 2n]
         mask_g = self._gate_masks(xp.shape[0], x.shape[0], x)
         needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in (xp, state, w_hh, b_hh))
         backend = resolve_backend(self.config.backend, xp)
