@@ -75,8 +75,12 @@ CONFORMANCE = {
 
 @pytest.mark.parametrize("spec", CONFORMANCE.values(), ids=CONFORMANCE.keys())
 def test_conformance(spec):
-    """Shapes, state carry over chunks == one run (ring wrapping included), fast == reference."""
-    cell = check_cell(spec, time=10 if len(spec) == 1 else 24)
+    """Shapes, state carry over chunks == one run (ring wrapping included), fast == reference.
+
+    In float64: the C++ loop (fused.py) rounds its scores differently from torch, and in float32 two
+    scores that tie to rounding can select different slots on the two paths (test_sab_cpp.py compares
+    them in float32 where no such tie occurs)."""
+    cell = check_cell(spec, time=10 if len(spec) == 1 else 24, dtype=torch.float64)
     assert cell.has_fast_path
 
 

@@ -16,6 +16,7 @@ from seqplat.plugins.fs_rnn import fused as fs_fused
 from seqplat.plugins.gam_rhn import fused as gam_fused
 from seqplat.plugins.phased_lstm import scan as phased_scan
 from seqplat.plugins.rhn import fused as rhn_fused
+from seqplat.plugins.sab import fused as sab_fused
 
 EXT_CACHE = extension_cache_dir()  # the user's cache, read before conftest isolates SEQPLAT_CACHE
 
@@ -30,6 +31,8 @@ CASES = {
     "fs_rnn": ({"name": "fs_rnn", "fast": _LN, "slow": _LN, "num_fast": 3}, fs_fused),
     # W_cs [1024, 1024], W_s0 [1024, 3072 + H] and W_hs of layers >= 2
     "gam_rhn": ({"name": "gam_rhn", "hidden_size": 1024, "head_size": 64, "depth": 2}, gam_fused),
+    # the inner LSTM's W_hh 4*512*512; a ring of 4 slots, 2 read per step
+    "sab": ({"name": "sab", "hidden_size": 512, "k_att": 1, "k_top": 2, "memory_size": 4}, sab_fused),
 }
 
 
@@ -61,7 +64,9 @@ def test_both_routes_of_the_step_product_give_the_reference_outputs_and_gradient
         got[route] = _outputs_and_grads(cell, x, times, fast=True)
     # relative to the tensor's norm: float32 rounding, amplified over 17 steps by fs_rnn's layer norms
     # (4e-5 there on the mm route, the same as before oneDNN)
-    tol = 1e-4 if case == "fs_rnn" and steps > 3 else 2e-5
+    # and sab's query weights, whose gradient is a sum of cancelling terms (the float32 reference path is itself
+    # 3e-4 from float64 there)
+    tol = 1e-4 if case == "fs_rnn" and steps > 3 else 1e-3 if case == "sab" else 2e-5
     for route, values in got.items():
         for i, (a, b) in enumerate(zip(values, ref, strict=True)):
             if a is None or b is None:  # unused here (fs_rnn's F3 input matrix reads zeros: no gradient, or 0)

@@ -51,13 +51,18 @@ def _grads(cell: Cell, x: Tensor, times: Tensor | None, fast: bool) -> tuple[Ten
 
 
 def check_cell(spec: dict[str, Any] | str, input_size: int = 3, batch: int = 2, time: int = 5,
-               atol: float = 1e-5, rtol: float = 1e-4, registry: Any | None = None) -> Cell:
-    """Run the conformance checks on the cell ``spec`` builds; returns the cell. Raises AssertionError."""
+               atol: float = 1e-5, rtol: float = 1e-4, registry: Any | None = None,
+               dtype: torch.dtype = torch.float32) -> Cell:
+    """Run the conformance checks on the cell ``spec`` builds; returns the cell. Raises AssertionError.
+
+    ``dtype`` is that of the parameters and inputs: float64 where two paths may legitimately take different
+    discrete decisions in float32 (e.g. a top-k selection between scores that tie to rounding).
+    """
     torch.manual_seed(0)
-    cell = build_cell(spec, input_size, registry)
+    cell = build_cell(spec, input_size, registry).to(dtype)
     name = spec if isinstance(spec, str) else spec["name"]
     cell.eval()  # dropout off: outputs must be a function of inputs and state
-    x, times = make_inputs(cell, batch, time)
+    x, times = make_inputs(cell, batch, time, dtype=dtype)
 
     # shapes
     y, state = cell(x, None, times=times)

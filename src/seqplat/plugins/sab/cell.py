@@ -39,7 +39,9 @@ state between chunks stops gradients into earlier chunks, memories included).
 Paths. ``reference_forward`` is plain autograd (memory and keys as single tensors, see
 ``memory.DenseMemory`` and ``attention.DenseKeys``); ``fast_forward`` routes memory gradients to the
 few selected slots only (``memory.ChainMemory``) and, with the MLP scorer, recomputes the score
-activations in the backward (``attention.BlockedKeys``). Both give the same values and gradients.
+activations in the backward (``attention.BlockedKeys``). With the baselines' ``lstm`` as inner cell and
+the MLP scorer on CPU, ``fast_forward`` runs the whole loop in C++ instead (``fused.py``, ``sab_cpu.cpp``).
+All give the same values and gradients.
 
 Shapes: b batch, t time, d input, h hidden, n memories in use, k k_top, S memory capacity.
 """
@@ -56,6 +58,8 @@ from seqplat.core.cell import flatten_state, unflatten_state
 
 from .attention import BlockedKeys, DenseKeys, MLPScorer, OfficialScorer, sparse_weights
 from .config import SABConfig
+from .fused import applies as sab_loop_applies
+from .fused import sab_loop
 from .memory import ChainMemory, DenseMemory
 
 __all__ = ["SABCell"]
@@ -139,6 +143,9 @@ class SABCell(Cell):
         t0 = int(step[0])
         if bool((step != t0).any()):
             raise ValueError(f"sab: every batch row must be at the same step of its stream, got steps {step.tolist()}")
+        if fast and sab_loop_applies(self, x, times):  # the whole loop in C++ (fused.py)
+            y, inner_state, memory = sab_loop(self, x, inner_state, memory, t0)
+            return y, (inner_state, memory, step + x.shape[1])
         size = memory.shape[1]
         written = self.writes_before(t0)
         keys: DenseKeys | BlockedKeys | None = None

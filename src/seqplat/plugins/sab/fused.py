@@ -1,0 +1,139 @@
+"""SAB's C++ loop: the whole unroll of an LSTM inner cell with the MLP scorer in one kernel (``sab_cpu.cpp``).
+
+The Python fast path (``memory.ChainMemory``, ``attention.BlockedKeys``) runs some thirty torch calls
+per step forward and more backward, each a few microseconds of dispatch on tensors of a few thousand
+values, and scores every slot twice (forward and recomputed in the backward). :class:`SABLoop` runs the
+same steps in ``sab_cpu.cpp``: per step one product for the LSTM, one for the query, one fused pass that
+scores the slots, selects, reads and joins, and per write one product for the new key. Its backward
+recomputes the scores of the slots that receive a gradient only (``k_top + 1`` per row, not all of them)
+and computes the weight gradients as one product each over all steps.
+
+It applies when the inner cell is the baselines' ``lstm`` (no activation quantizer, no zoneout), the
+scorer is ``mlp``, the summary joins ``h`` (``hidden_state_index`` unset or 0), the tensors are float32 or
+float64 on the CPU and the kernel builds; otherwise the cell runs its Python fast path. Every option of
+the schedule (``k_att``, ``k_trunc``, ``truncation``, ``memory_size``, ``zero_slot``), both sparsifiers,
+both small-memory rules, ``detach_threshold`` and both outputs are supported. Tests compare it with the
+reference path on outputs and every gradient, and gradcheck it in float64.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from seqplat.core.cpp_ext import CppKernel
+from seqplat.core.gemm import project_steps
+
+if TYPE_CHECKING:
+    from .cell import SABCell
+
+CPP_SOURCE = Path(__file__).with_name("sab_cpu.cpp")
+KERNEL = CppKernel(CPP_SOURCE, "seqplat_sab_cpu", "sab", fallback="using the Python fast path")
+load_cpp_extension = KERNEL.load  # compile at first use (cached); True when usable
+cpp_error = KERNEL.error  # why the kernel is unavailable, or None
+
+
+def applies(cell: SABCell, x: Tensor, times: Tensor | None) -> bool:
+    """Whether :func:`sab_loop` can run this call (see the module docstring); builds the kernel at first use."""
+    from seqplat.plugins.baselines.cells import LSTMCell
+
+    from .attention import MLPScorer
+
+    inner = cell.inner
+    cfg = cell.config
+    return (
+        type(inner) is LSTMCell
+        and not inner.activation_quantizers
+        and inner.zoneout_prob == 0
+        and isinstance(cell.scorer, MLPScorer)
+        and cfg.hidden_state_index in (None, 0)
+        and times is None
+        and not cell.record_trace
+        and x.shape[1] > 0
+        and KERNEL.resolve("auto", x) == "cpp"
+    )
+
+
+def schedule(cell: SABCell, t0: int, steps: int, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(cut[t], nread[t], wpos[t])`` for the steps ``t0 .. t0+steps-1`` (int64): the local path is cut
+    before step t, the slots read at step t, and the slot written after step t (-1: none)."""
+    cfg = cell.config
+    written = cell.writes_before(t0)
+    cut, nread, wpos = [], [], []
+    for t in range(t0, t0 + steps):
+        cut.append(int(cell.cuts_before(t)))
+        if cfg.k_top > 0:
+            nread.append(min(written, size))
+            if cell.writes_after(t):
+                wpos.append(written % size)
+                written += 1
+            else:
+                wpos.append(-1)
+        else:
+            nread.append(0)
+            wpos.append(-1)
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return as_tensor(cut), as_tensor(nread), as_tensor(wpos)
+
+
+def ops() -> Any:
+    """``torch.ops.seqplat_sab``: ``forward`` and ``backward`` of ``sab_cpu.cpp``."""
+    return torch.ops.seqplat_sab
+
+
+class SABLoop(torch.autograd.Function):
+    """``(xp, W_hh, h_0, c_0, memory, W_q, b_q, W_m, v) -> (y[b,t,out], h_T, c_T, memory_T)``.
+
+    ``xp[t, b, 4h]`` is the inner LSTM's hoisted input projection; ``W_q, b_q`` the query, ``W_m`` the key
+    and ``v`` the output weights of the MLP scorer; ``sched`` is :func:`schedule`'s triple and ``opts`` the
+    cell's ``(k_top, official, raw_small, eps, summary_out, detach_threshold)``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, sched: tuple[Tensor, Tensor, Tensor], opts: tuple, xp: Tensor, w_hh: Tensor, h0: Tensor,
+                c0: Tensor, memory: Tensor, w_q: Tensor, b_q: Tensor, w_m: Tensor,
+                v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        k_top, official, raw_small, eps, summary_out, _ = opts
+        out = ops().forward(xp, w_hh, h0, c0, memory, w_q, b_q, w_m, v.reshape(-1), *sched, k_top, official,
+                            raw_small, eps, summary_out)
+        y, h_n, c_n, mem, *saved = out
+        ctx.save_for_backward(w_hh, w_q, w_m, v, *saved)
+        ctx.sched, ctx.opts = sched, opts
+        return y, h_n, c_n, mem
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_y: Tensor, g_h: Tensor, g_c: Tensor, g_mem: Tensor) -> tuple[Tensor | None, ...]:
+        w_hh, w_q, w_m, v, *saved = ctx.saved_tensors
+        k_top, official, raw_small, _, summary_out, detach_threshold = ctx.opts
+        grads = ops().backward(saved, w_hh, w_q, w_m, v.reshape(-1), g_y, g_h, g_c, g_mem, *ctx.sched, k_top,
+                               official, raw_small, detach_threshold, summary_out)
+        g_xp, g_whh, g_h0, g_c0, g_mem0, g_wq, g_bq, g_wm, g_v = grads
+        needs = ctx.needs_input_grad[2:]
+        out = (g_xp, g_whh, g_h0, g_c0, g_mem0, g_wq, g_bq, g_wm, g_v.reshape(v.shape))
+        return (None, None, *(g if need else None for g, need in zip(out, needs, strict=True)))
+
+
+def sab_loop(cell: SABCell, x: Tensor, inner_state: tuple[Tensor, Tensor], memory: Tensor,
+             t0: int) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
+    """The unroll of ``cell`` over ``x[b, t, d]`` from global step ``t0``: ``(y, (h_T, c_T), memory_T)``."""
+    cfg = cell.config
+    inner = cell.inner
+    w_ih, w_hh, b_ih, b_hh = inner._weights()
+    bias = None if b_ih is None or b_hh is None else b_ih + b_hh
+    xp = project_steps(x, w_ih, bias)
+    scorer = cell.scorer
+    b_q = scorer.query_proj.bias
+    if b_q is None:
+        b_q = x.new_zeros(scorer.query_proj.out_features)
+    h0, c0 = inner_state
+    sched = schedule(cell, t0, x.shape[1], memory.shape[1])
+    opts = (cfg.k_top, cfg.sparsifier == "official", cfg.small_memory == "raw", float(cfg.epsilon),
+            cfg.output == "state_and_summary", bool(cfg.detach_threshold))
+    y, h_n, c_n, mem = SABLoop.apply(sched, opts, xp, w_hh, h0, c0, memory, scorer.query_proj.weight, b_q,
+                                     scorer.key_proj.weight, scorer.out.weight)
+    return y, (h_n, c_n), mem
