@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from seqplat import CellConfig, StepCell
 from seqplat.core.cell import State
+from seqplat.core.gemm import project_steps
 from seqplat.core.workspace import Workspace
 
 from .common import (
@@ -287,17 +288,21 @@ class HyperRHNCell(StepCell):
         c = self.config
         n, depth = c.hidden_size, c.depth
         steps, b = x.shape[1], x.shape[0]
-        x_t = x.transpose(0, 1)  # [t, b, d]
-        # eq. H1, all steps: Ŵ e_t + b̂_in hoisted (b̂_1 is added inside)
-        xp_hyper = F.linear(x_t, self.hyper_weight_ih, self.hyper_bias_ih)
+        # eq. H1, all steps: Ŵ e_t + b̂_in hoisted (b̂_1 is added inside), time major
+        xp_hyper = project_steps(x, self.hyper_weight_ih, self.hyper_bias_ih)
         sh_all, sh = RHNRecurrence.apply(xp_hyper, sh, self.hyper_weight_hh, self.hyper_bias_hh, None, hyper_masks,
                                          self._workspace, None, True,
                                          resolve_backend(c.backend, xp_hyper))  # [d, t, b, n̂]
         # eq. H2: z^l = P_l ŝ^l + p_l for every depth and step in one batched matmul
-        z = torch.baddbmm(self.proj_bias.unsqueeze(1), sh_all.reshape(depth, steps * b, -1),
-                          self.proj_weight.transpose(1, 2)).view(depth, steps, b, n)
-        # eq. H3, layer 1's input term for all steps: [z^1; z^1] * (W e_t) + b_in (b_1 is added inside)
-        a0 = torch.addcmul(self.bias_ih, torch.cat([z[0], z[0]], dim=-1), F.linear(x_t, self.weight_ih))
+        sh_flat = sh_all.reshape(depth, steps * b, -1)
+        z = torch.baddbmm(self.proj_bias.unsqueeze(1), sh_flat, self.proj_weight.transpose(1, 2))
+        z = z.view(depth, steps, b, n)
+        # eq. H3, layer 1's input term for all steps: [z^1; z^1] * (W e_t) + b_in (b_1 is added inside). z^1 is
+        # computed again here from ŝ^1 (a [t*b, n̂] x [n̂, n] product): taking z[0] would make autograd fill a
+        # zero gradient the size of all of z for it
+        z1 = torch.addmm(self.proj_bias[0], sh_flat[0], self.proj_weight[0].t()).view(steps, b, 1, n)
+        wx = project_steps(x, self.weight_ih).view(steps, b, 2, n)
+        a0 = torch.addcmul(self.bias_ih.view(2, n), z1, wx).view(steps, b, 2 * n)
         mask_g = step_dropout_masks(steps, depth, b, n, self._gate_p(), x)  # after the hyper masks, as in _step
         ys, s = RHNRecurrence.apply(a0, s, self.weight_hh, self.bias_hh, None, mask_g, self._workspace, z, False,
                                     resolve_backend(c.backend, a0))
