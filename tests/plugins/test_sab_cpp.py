@@ -12,9 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqplat import build_cell
+from seqplat import ConfigError, build_cell
+from seqplat.core.config import validate_component
 from seqplat.plugins.sab import fused
 from seqplat.plugins.sab.cell import SABCell
+from seqplat.registry import get_registry
 
 pytestmark = pytest.mark.skipif(not fused.load_cpp_extension(), reason="the sab C++ loop cannot be built here")
 
@@ -116,3 +118,26 @@ def test_cpp_loop_applies_to_an_lstm_with_the_mlp_scorer_only(options, reason):
     assert not fused.applies(cell, x, None)
     cell.record_trace = False
     assert not fused.applies(cell, x.to(torch.bfloat16), None)
+
+
+def test_backend_option_picks_or_insists_on_the_loop():
+    x = torch.randn(2, 5, 4)
+    assert not fused.applies(_cell({"hidden_size": 4, "backend": "python"}, torch.float32), x, None)
+    cell = _cell({"hidden_size": 4, "backend": "cpp"}, torch.float32)
+    assert fused.applies(cell, x, None)
+    cell.inner.zoneout_prob = 0.5
+    with pytest.raises(ValueError, match="backend 'cpp' cannot run this call: the inner cell has zoneout"):
+        fused.applies(cell, x, None)
+    cell.inner.zoneout_prob = 0.0
+    with pytest.raises(ValueError, match="backend 'cpp' runs float32/float64 CPU tensors"):
+        fused.applies(cell, x.to(torch.bfloat16), None)
+    with pytest.raises(ConfigError, match="backend: 'cpp' runs an lstm inner cell with the mlp scorer"):
+        validate_component("cell", {"name": "sab", "inner": {"name": "gru"}, "backend": "cpp"}, "cell", get_registry())
+
+
+def test_python_backend_gives_the_same_result_as_the_cpp_loop():
+    x = torch.randn(3, 24, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    options = OPTIONS["ring"]
+    got = {backend: _run(_cell({**options, "backend": backend}), x, 3, fast=True) for backend in ("cpp", "python")}
+    for a, b in zip(got["cpp"], got["python"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)

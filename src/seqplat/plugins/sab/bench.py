@@ -8,7 +8,9 @@ table from the command line.
 
 Variants (``VARIANTS``):
 
-* ``sab``: SAB (paper mode) with its fast path, ``k_att``/``k_top``/``k_trunc`` as given;
+* ``sab``: SAB (paper mode) with its fast path, ``k_att``/``k_top``/``k_trunc`` as given (the C++ loop where it
+  can run);
+* ``sab_python``: the same fast path in torch ops (``backend = "python"``);
 * ``sab_reference``: the same cell on its plain-autograd reference path;
 * ``sab_no_attention``: SAB with ``k_top = 0``, i.e. an LSTM with the same truncation (TBPTT);
 * ``lstm_loop``: LSTM with full BPTT unrolled step by step in Python (the same loop as SAB's inner cell);
@@ -29,7 +31,7 @@ from seqplat import build_cell
 
 __all__ = ["VARIANTS", "measure_step_cost"]
 
-VARIANTS = ("sab", "sab_reference", "sab_no_attention", "lstm_loop", "lstm_fused")
+VARIANTS = ("sab", "sab_python", "sab_reference", "sab_no_attention", "lstm_loop", "lstm_fused")
 
 
 def _spec(variant: str, length: int, hidden: int, k_att: int, k_top: int, k_trunc: int) -> tuple[dict[str, Any], bool]:
@@ -38,6 +40,8 @@ def _spec(variant: str, length: int, hidden: int, k_att: int, k_top: int, k_trun
         return {"name": "lstm", "hidden_size": hidden}, variant == "lstm_fused"
     spec = {"name": "sab", "hidden_size": hidden, "k_att": k_att, "k_trunc": k_trunc,
             "k_top": 0 if variant == "sab_no_attention" else k_top, "memory_size": length // k_att + 1}
+    if variant == "sab_python":
+        spec["backend"] = "python"
     return spec, variant != "sab_reference"
 
 

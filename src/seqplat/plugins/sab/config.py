@@ -95,6 +95,11 @@ class SABConfig(CellConfig):
         None, ge=0, description="index (in flattened order) of the inner state tensor that receives the summary "
         "(None: the tensor the inner step returns as its output, e.g. h of (h, c))",
     )
+    backend: Literal["auto", "cpp", "python"] = Field(
+        "auto", description="fast path with an lstm inner cell and the mlp scorer: 'cpp' runs the whole loop in "
+        "C++ (sab_cpu.cpp, float32/float64 CPU tensors; an error where it cannot), 'python' the torch-op loop, "
+        "'auto' the C++ loop where it can run"
+    )
     reproduce_released_code: bool = Field(
         False, description="reproduce the released code exactly: official scorer and sparsifier, raw scores "
         "for small memories, the h_0 slot, official truncation windows",
@@ -123,6 +128,11 @@ class SABConfig(CellConfig):
     @model_validator(mode="after")
     def _check(self) -> SABConfig:
         self._check_inner()
+        if self.backend == "cpp" and (self.inner.get("name") != "lstm" or self.scorer != "mlp"):
+            raise ValueError(
+                f"backend: 'cpp' runs an lstm inner cell with the mlp scorer (got inner {self.inner.get('name')!r}, "
+                f"scorer {self.scorer!r}); use backend 'auto' or 'python'"
+            )
         return self
 
     def _check_inner(self) -> None:

@@ -38,24 +38,36 @@ cpp_error = KERNEL.error  # why the kernel is unavailable, or None
 
 
 def applies(cell: SABCell, x: Tensor, times: Tensor | None) -> bool:
-    """Whether :func:`sab_loop` can run this call (see the module docstring); builds the kernel at first use."""
+    """Whether :func:`sab_loop` runs this call (see the module docstring; the cell's ``backend`` option):
+    builds the kernel at first use. With ``backend = "cpp"``, a call it cannot run raises ``ValueError``."""
+    backend = cell.config.backend
+    if backend == "python":
+        return False
+    why = _cannot_run(cell, times)
+    if why is not None:
+        if backend == "cpp":
+            raise ValueError(f"sab: backend 'cpp' cannot run this call: {why}; use backend 'auto' or 'python'")
+        return False
+    return x.shape[1] > 0 and KERNEL.resolve(backend, x) == "cpp"
+
+
+def _cannot_run(cell: SABCell, times: Tensor | None) -> str | None:
+    """Why the C++ loop cannot run this cell (None: it can)."""
     from seqplat.plugins.baselines.cells import LSTMCell
 
     from .attention import MLPScorer
 
     inner = cell.inner
-    cfg = cell.config
-    return (
-        type(inner) is LSTMCell
-        and not inner.activation_quantizers
-        and inner.zoneout_prob == 0
-        and isinstance(cell.scorer, MLPScorer)
-        and cfg.hidden_state_index in (None, 0)
-        and times is None
-        and not cell.record_trace
-        and x.shape[1] > 0
-        and KERNEL.resolve("auto", x) == "cpp"
-    )
+    reasons = [
+        (type(inner) is not LSTMCell, "the inner cell is not the baselines' lstm"),
+        (bool(inner.activation_quantizers), "the inner cell has activation quantizers"),
+        (inner.zoneout_prob != 0, "the inner cell has zoneout"),
+        (not isinstance(cell.scorer, MLPScorer), "the scorer is not 'mlp'"),
+        (cell.config.hidden_state_index not in (None, 0), "hidden_state_index names c"),
+        (times is not None, "the call passes times"),
+        (cell.record_trace, "record_trace is on"),
+    ]
+    return next((why for bad, why in reasons if bad), None)
 
 
 def schedule(cell: SABCell, t0: int, steps: int, size: int) -> tuple[Tensor, Tensor, Tensor]:
