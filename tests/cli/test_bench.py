@@ -161,3 +161,24 @@ def test_matmul_peak_takes_the_faster_of_mm_and_onednn(monkeypatch):
     fastest = 0.002 if torch.backends.mkldnn.is_available() else 0.004
     assert seen == [2 if torch.backends.mkldnn.is_available() else 1]
     assert peak == pytest.approx(2 * 64**3 / fastest / 1e9)
+
+
+def test_rounds_repeat_short_calls_back_to_back():
+    """A call far shorter than a round runs several times per round (warm, as in training), a long one once."""
+    import time
+
+    from seqplat.core import bench
+
+    counts = {"short": 0, "long": 0}
+
+    def short():
+        counts["short"] += 1
+
+    def long():
+        counts["long"] += 1
+        time.sleep(0.03)
+
+    medians = bench._interleaved_medians([short, long], repeats=3, warmup=1, min_round_s=0.02)
+    assert counts["long"] == 4  # one warm-up call and one per round
+    assert counts["short"] == 4 * bench.MAX_ROUND_CALLS  # the warm-up round too
+    assert medians[1] >= 0.03 > medians[0]
