@@ -34,6 +34,7 @@
 
 #include "seqplat_cpu.h"
 #include "seqplat_gemm.h"
+#include "seqplat_lstm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -44,8 +45,9 @@
 namespace {
 
 using seqplat::for_rows;
+using seqplat::lstm_backward_cell;
+using seqplat::lstm_forward_cell;
 using seqplat::row_grain;
-using seqplat::sigmoid;
 
 // what the kernel needs to know about the cell's options
 struct Options {
@@ -56,60 +58,6 @@ struct Options {
   double eps;             // epsilon of the official sparsifier
   bool summary_out;       // output "state_and_summary" (else "state")
 };
-
-// (2) the LSTM step: `p` holds W_hh h_{t-1}; the activated gates go to `a`
-template <typename scalar_t>
-void lstm_forward(const scalar_t* p, scalar_t* a, const scalar_t* xp, const scalar_t* c_prev, scalar_t* c,
-                  scalar_t* tc, scalar_t* h, int64_t B, int64_t H) {
-  for_rows(B, row_grain(4 * H, 16384), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* pr = p + r * 4 * H;
-      scalar_t* ar = a + r * 4 * H;
-      const scalar_t* xr = xp + r * 4 * H;
-      const int64_t o_ = r * H;
-#pragma omp simd
-      for (int64_t k = 0; k < H; ++k) {
-        const scalar_t i = sigmoid(pr[k] + xr[k]);
-        const scalar_t f = sigmoid(pr[H + k] + xr[H + k]);
-        const scalar_t g = std::tanh(pr[2 * H + k] + xr[2 * H + k]);
-        const scalar_t o = sigmoid(pr[3 * H + k] + xr[3 * H + k]);
-        const scalar_t cn = f * c_prev[o_ + k] + i * g;  // c_t = f c_{t-1} + i g
-        const scalar_t t = std::tanh(cn);
-        ar[k] = i;
-        ar[H + k] = f;
-        ar[2 * H + k] = g;
-        ar[3 * H + k] = o;
-        c[o_ + k] = cn;
-        tc[o_ + k] = t;
-        h[o_ + k] = o * t;  // h^_t = o tanh(c_t)
-      }
-    }
-  });
-}
-
-// (2) backward: dh is the gradient of h^_t; writes d a_t and turns dc into the gradient of c_{t-1}
-template <typename scalar_t>
-void lstm_backward(const scalar_t* a, const scalar_t* c_prev, const scalar_t* tc, const scalar_t* dh, scalar_t* dc,
-                   scalar_t* da, int64_t B, int64_t H) {
-  for_rows(B, row_grain(4 * H, 16384), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* ar = a + r * 4 * H;
-      scalar_t* dar = da + r * 4 * H;
-      const int64_t o_ = r * H;
-#pragma omp simd
-      for (int64_t k = 0; k < H; ++k) {
-        const scalar_t i = ar[k], f = ar[H + k], g = ar[2 * H + k], o = ar[3 * H + k];
-        const scalar_t t = tc[o_ + k], dht = dh[o_ + k];
-        const scalar_t dct = dc[o_ + k] + dht * o * (scalar_t(1) - t * t);  // h^ = o tanh(c)
-        dar[3 * H + k] = dht * t * o * (scalar_t(1) - o);
-        dar[k] = dct * g * i * (scalar_t(1) - i);  // c = f c_{t-1} + i g
-        dar[H + k] = dct * c_prev[o_ + k] * f * (scalar_t(1) - f);
-        dar[2 * H + k] = dct * i * (scalar_t(1) - g * g);
-        dc[o_ + k] = dct * f;
-      }
-    }
-  });
-}
 
 // (3) one score v^T tanh(q + k) over d units
 template <typename scalar_t>
@@ -228,9 +176,9 @@ std::vector<at::Tensor> sab_forward(const at::Tensor& xp_in, const at::Tensor& w
       at::Tensor a = s.gates[t];
       const at::Tensor p = seqplat::mm_result(a, s.hs[t], whh);  // (2) W_hh h_{t-1}
       scalar_t* hhat = s.hhat[t].data_ptr<scalar_t>();
-      lstm_forward<scalar_t>(p.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), xp[t].const_data_ptr<scalar_t>(),
-                             s.cs[t].const_data_ptr<scalar_t>(), s.cs[t + 1].data_ptr<scalar_t>(),
-                             s.tcs[t].data_ptr<scalar_t>(), hhat, B, H);
+      lstm_forward_cell<scalar_t>(p.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
+                                  xp[t].const_data_ptr<scalar_t>(), s.cs[t].const_data_ptr<scalar_t>(),
+                                  s.cs[t + 1].data_ptr<scalar_t>(), s.tcs[t].data_ptr<scalar_t>(), hhat, B, H);
       const int64_t n = nread_p[t];
       if (n > 0) {
         at::Tensor q = s.qs[t];
@@ -355,6 +303,7 @@ std::vector<at::Tensor> sab_backward(const std::vector<at::Tensor>& saved, const
   at::Tensor dc = g_cT.to(opts.dtype()).clone().contiguous();
   at::Tensor dh = at::empty({B, H}, opts);
   at::Tensor dh_buf = at::empty({B, H}, opts);
+  const at::Tensor zeros = at::zeros({B, H}, opts);
   const int64_t* cut_p = cut.const_data_ptr<int64_t>();
   const int64_t* nread_p = nread.const_data_ptr<int64_t>();
   const int64_t* wpos_p = wpos.const_data_ptr<int64_t>();
@@ -458,9 +407,10 @@ std::vector<at::Tensor> sab_backward(const std::vector<at::Tensor>& saved, const
       }
       // (2) LSTM step backward with dh^; dh_{t-1} = da W_hh unless the path is cut before step t (1)
       at::Tensor da = da_all[t];
-      lstm_backward<scalar_t>(s.gates[t].const_data_ptr<scalar_t>(), s.cs[t].const_data_ptr<scalar_t>(),
-                              s.tcs[t].const_data_ptr<scalar_t>(), dh.const_data_ptr<scalar_t>(),
-                              dc.data_ptr<scalar_t>(), da.data_ptr<scalar_t>(), B, H);
+      lstm_backward_cell<scalar_t>(s.gates[t].const_data_ptr<scalar_t>(), s.cs[t].const_data_ptr<scalar_t>(),
+                                   s.tcs[t].const_data_ptr<scalar_t>(), dh.const_data_ptr<scalar_t>(),
+                                   zeros.const_data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), da.data_ptr<scalar_t>(),
+                                   B, H);  // dh is all of h^_t's gradient: nothing to add
       if (cut_p[t] != 0) {
         dh_rec.zero_();
         dc.zero_();
