@@ -141,3 +141,22 @@ def test_python_backend_gives_the_same_result_as_the_cpp_loop():
     got = {backend: _run(_cell({**options, "backend": backend}), x, 3, fast=True) for backend in ("cpp", "python")}
     for a, b in zip(got["cpp"], got["python"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("memory_grad", [False, True], ids=["memory_constant", "memory_needs_grad"])
+def test_outputs_left_unused_get_no_gradient_work(memory_grad):
+    """A loss of y alone (state and memory outputs unused): the same gradients as the reference path."""
+    cell = _cell(OPTIONS["ring"])
+    x = torch.randn(2, 20, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    got = []
+    for fast in (False, True):
+        cell.use_fast_path = fast
+        cell.zero_grad(set_to_none=True)
+        inner, memory, step = cell.initial_state(2, dtype=torch.float64)
+        memory = torch.randn(memory.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+        memory.requires_grad_(memory_grad)
+        y, _ = cell(x, (inner, memory, step + 5))
+        y.square().sum().backward()
+        got.append([p.grad for p in cell.parameters()] + ([memory.grad] if memory_grad else []))
+    for a, b in zip(*got, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)

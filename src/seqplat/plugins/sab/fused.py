@@ -114,16 +114,18 @@ class SABLoop(torch.autograd.Function):
                             raw_small, eps, summary_out)
         y, h_n, c_n, mem, *saved = out
         ctx.save_for_backward(w_hh, w_q, w_m, v, *saved)
+        ctx.set_materialize_grads(False)  # unused outputs (the carried memory, mostly) get no zero tensors
         ctx.sched, ctx.opts = sched, opts
         return y, h_n, c_n, mem
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, g_y: Tensor, g_h: Tensor, g_c: Tensor, g_mem: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, g_y: Tensor | None, g_h: Tensor | None, g_c: Tensor | None,
+                 g_mem: Tensor | None) -> tuple[Tensor | None, ...]:
         w_hh, w_q, w_m, v, *saved = ctx.saved_tensors
         k_top, official, raw_small, _, summary_out, detach_threshold = ctx.opts
-        grads = ops().backward(saved, w_hh, w_q, w_m, v.reshape(-1), g_y, g_h, g_c, g_mem, *ctx.sched, k_top,
-                               official, raw_small, detach_threshold, summary_out)
+        grads = ops().backward(saved, w_hh, w_q, w_m, v.reshape(-1), g_y, g_h, g_c, g_mem, ctx.needs_input_grad[6],
+                               *ctx.sched, k_top, official, raw_small, detach_threshold, summary_out)
         g_xp, g_whh, g_h0, g_c0, g_mem0, g_wq, g_bq, g_wm, g_v = grads
         needs = ctx.needs_input_grad[2:]
         out = (g_xp, g_whh, g_h0, g_c0, g_mem0, g_wq, g_bq, g_wm, g_v.reshape(v.shape))

@@ -40,6 +40,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -270,15 +271,17 @@ std::vector<at::Tensor> sab_forward(const at::Tensor& xp_in, const at::Tensor& w
       }
     }
   });
-  at::Tensor mem_out = s.vals.index_select(0, s.owner).transpose(0, 1).contiguous();  // [B, S, H]
+  at::Tensor mem_out = s.vals.transpose(0, 1).index_select(1, s.owner);  // [B, S, H], one copy
   return {y,      s.hs[T].clone(), s.cs[T].clone(), mem_out, s.gates, s.hs,  s.cs,   s.tcs,
           s.hhat, s.qs,            s.vals,          s.keys,  s.occ,   s.w,   s.z,    s.owner, s.read0};
 }
 
 std::vector<at::Tensor> sab_backward(const std::vector<at::Tensor>& saved, const at::Tensor& w_hh_in,
                                      const at::Tensor& w_q_in, const at::Tensor& w_m_in, const at::Tensor& v_in,
-                                     const at::Tensor& g_y_in, const at::Tensor& g_hT, const at::Tensor& g_cT,
-                                     const at::Tensor& g_mem, const at::Tensor& cut_in, const at::Tensor& nread_in,
+                                     const std::optional<at::Tensor>& g_y_in,
+                                     const std::optional<at::Tensor>& g_hT, const std::optional<at::Tensor>& g_cT,
+                                     const std::optional<at::Tensor>& g_mem, bool memory_grad,
+                                     const at::Tensor& cut_in, const at::Tensor& nread_in,
                                      const at::Tensor& wpos_in, int64_t k_top, bool official, bool raw_small,
                                      bool detach_threshold, bool summary_out) {
   TORCH_CHECK(saved.size() == 13, "sab: backward needs the 13 saved tensors of forward");
@@ -291,16 +294,22 @@ std::vector<at::Tensor> sab_backward(const std::vector<at::Tensor>& saved, const
   const at::Tensor cut = cut_in.to(at::kLong).contiguous(), nread = nread_in.to(at::kLong).contiguous(),
                    wpos = wpos_in.to(at::kLong).contiguous();
   const auto opts = s.gates.options();
-  const at::Tensor g_y = g_y_in.to(opts.dtype()).contiguous();
+  // an output nobody used has no gradient (undefined): zero for y, h_T and c_T, nothing to add for the memory
+  const at::Tensor g_y = g_y_in.has_value() && g_y_in->defined()
+                             ? g_y_in->to(opts.dtype()).contiguous()
+                             : at::zeros({B, T, summary_out ? 2 * H : H}, opts);
   at::Tensor da_all = at::empty_like(s.gates);
   at::Tensor dq_all = at::zeros({T, B, d}, opts);
   at::Tensor dvals = at::zeros({occupants, B, H}, opts);
   at::Tensor dkeys = at::zeros({occupants, B, d}, opts);
   at::Tensor dv_rows = at::zeros({B, d}, opts);
   // the carried memory's gradient goes to the final occupants
-  dvals.index_add_(0, s.owner, g_mem.to(opts.dtype()).transpose(0, 1));
-  at::Tensor dh_rec = g_hT.to(opts.dtype()).clone().contiguous();  // gradient of h_t from later steps
-  at::Tensor dc = g_cT.to(opts.dtype()).clone().contiguous();
+  if (g_mem.has_value() && g_mem->defined()) dvals.index_add_(0, s.owner, g_mem->to(opts.dtype()).transpose(0, 1));
+  auto state_grad = [&](const std::optional<at::Tensor>& g) {
+    return g.has_value() && g->defined() ? g->to(opts.dtype()).clone().contiguous() : at::zeros({B, H}, opts);
+  };
+  at::Tensor dh_rec = state_grad(g_hT);  // gradient of h_t from later steps
+  at::Tensor dc = state_grad(g_cT);
   at::Tensor dh = at::empty({B, H}, opts);
   at::Tensor dh_buf = at::empty({B, H}, opts);
   const at::Tensor zeros = at::zeros({B, H}, opts);
@@ -426,12 +435,16 @@ std::vector<at::Tensor> sab_backward(const std::vector<at::Tensor>& saved, const
   const at::Tensor g_wm = seqplat::outer(keyed_rows(dkeys, s.read0, S), keyed_rows(s.vals, s.read0, S));
   const at::Tensor g_v = dv_rows.sum(0);
   // the carried memory: its values and (k = W_m m) the keys of the slots read
-  at::Tensor g_mem0 = dvals.narrow(0, 0, S).clone();
-  const int64_t R = s.read0.numel();
-  if (R > 0) {
-    g_mem0.index_add_(0, s.read0, at::mm(dkeys.index_select(0, s.read0).view({R * B, d}), w_m).view({R, B, H}));
+  at::Tensor g_mem0;  // undefined unless the carried memory needs a gradient
+  if (memory_grad) {
+    g_mem0 = dvals.narrow(0, 0, S).clone();
+    const int64_t R = s.read0.numel();
+    if (R > 0) {
+      g_mem0.index_add_(0, s.read0, at::mm(dkeys.index_select(0, s.read0).view({R * B, d}), w_m).view({R, B, H}));
+    }
+    g_mem0 = g_mem0.transpose(0, 1).contiguous();
   }
-  return {da_all, g_whh, dh_rec.clone(), dc, g_mem0.transpose(0, 1).contiguous(), g_wq, g_bq, g_wm, g_v};
+  return {da_all, g_whh, dh_rec.clone(), dc, g_mem0, g_wq, g_bq, g_wm, g_v};
 }
 
 }  // namespace
@@ -442,9 +455,9 @@ TORCH_LIBRARY(seqplat_sab, m) {
       "Tensor v, Tensor cut, Tensor nread, Tensor wpos, int k_top, bool official, bool raw_small, float eps, "
       "bool summary_out) -> Tensor[]");
   m.def(
-      "backward(Tensor[] saved, Tensor w_hh, Tensor w_q, Tensor w_m, Tensor v, Tensor grad_y, Tensor grad_hT, "
-      "Tensor grad_cT, Tensor grad_memory, Tensor cut, Tensor nread, Tensor wpos, int k_top, bool official, "
-      "bool raw_small, bool detach_threshold, bool summary_out) -> Tensor[]");
+      "backward(Tensor[] saved, Tensor w_hh, Tensor w_q, Tensor w_m, Tensor v, Tensor? grad_y, Tensor? grad_hT, "
+      "Tensor? grad_cT, Tensor? grad_memory, bool memory_grad, Tensor cut, Tensor nread, Tensor wpos, int k_top, "
+      "bool official, bool raw_small, bool detach_threshold, bool summary_out) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(seqplat_sab, CPU, m) {
