@@ -29,6 +29,8 @@ OPTIONS = {
     "detached_threshold": {"hidden_size": 4, "k_att": 1, "k_top": 2, "detach_threshold": True, "memory_size": 20},
     "tbptt_only": {"hidden_size": 4, "k_att": 3, "k_top": 0, "k_trunc": 5},
     "softmax_no_truncation": {"hidden_size": 4, "k_att": 1, "k_top": 8, "k_trunc": 0, "memory_size": 30},
+    "lstm_without_bias": {"hidden_size": 4, "inner": {"name": "lstm", "bias": False}, "k_att": 1, "k_top": 2,
+                          "memory_size": 10},
     "narrow_scorer": {"hidden_size": 4, "k_att": 1, "k_top": 2, "k_trunc": None, "memory_size": 30,
                       "score_size": 3},
 }

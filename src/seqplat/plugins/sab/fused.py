@@ -53,13 +53,14 @@ def applies(cell: SABCell, x: Tensor, times: Tensor | None) -> bool:
 
 def _cannot_run(cell: SABCell, times: Tensor | None) -> str | None:
     """Why the C++ loop cannot run this cell (None: it can)."""
-    from seqplat.plugins.baselines.cells import LSTMCell
+    from seqplat.registry import get_registry
 
     from .attention import MLPScorer
 
     inner = cell.inner
+    lstm = cell.config.inner.get("name") == "lstm" and type(inner) is get_registry().get("cell", "lstm").obj
     reasons = [
-        (type(inner) is not LSTMCell, "the inner cell is not the baselines' lstm"),
+        (not lstm, "the inner cell is not the registered lstm"),
         (bool(inner.activation_quantizers), "the inner cell has activation quantizers"),
         (inner.zoneout_prob != 0, "the inner cell has zoneout"),
         (not isinstance(cell.scorer, MLPScorer), "the scorer is not 'mlp'"),
@@ -137,7 +138,9 @@ def sab_loop(cell: SABCell, x: Tensor, inner_state: tuple[Tensor, Tensor], memor
     """The unroll of ``cell`` over ``x[b, t, d]`` from global step ``t0``: ``(y, (h_T, c_T), memory_T)``."""
     cfg = cell.config
     inner = cell.inner
-    w_ih, w_hh, b_ih, b_hh = inner._weights()
+    rnn = inner.rnn  # the lstm cell's nn.LSTM: its weights are the step's (baselines/cells.py, eq. 1)
+    w_ih, w_hh = rnn.weight_ih_l0, rnn.weight_hh_l0
+    b_ih, b_hh = getattr(rnn, "bias_ih_l0", None), getattr(rnn, "bias_hh_l0", None)
     bias = None if b_ih is None or b_hh is None else b_ih + b_hh
     xp = project_steps(x, w_ih, bias)
     scorer = cell.scorer
