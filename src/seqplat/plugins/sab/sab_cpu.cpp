@@ -50,16 +50,6 @@ using seqplat::lstm_backward_cell;
 using seqplat::lstm_forward_cell;
 using seqplat::row_grain;
 
-// what the kernel needs to know about the cell's options
-struct Options {
-  int64_t k_top;
-  bool official;          // sparsifier "official" (else "paper")
-  bool raw_small;         // small_memory "raw" (else "softmax")
-  bool detach_threshold;  // no gradient through the threshold
-  double eps;             // epsilon of the official sparsifier
-  bool summary_out;       // output "state_and_summary" (else "state")
-};
-
 // (3) one score v^T tanh(q + k) over d units
 template <typename scalar_t>
 inline scalar_t score(const scalar_t* q, const scalar_t* k, const scalar_t* v, int64_t d) {
@@ -128,7 +118,9 @@ std::vector<at::Tensor> sab_forward(const at::Tensor& xp_in, const at::Tensor& w
               "sab: weight shapes do not match hidden size ", H, " and score size ", d);
   TORCH_CHECK(cut.numel() == T && nread.numel() == T && wpos.numel() == T, "sab: the schedule must have ", T,
               " steps");
-  const int64_t* cut_p = cut.const_data_ptr<int64_t>();
+  for (const auto* t : {&w_hh, &h0, &c0, &memory, &w_q, &b_q, &w_m, &v}) {
+    TORCH_CHECK(t->scalar_type() == xp.scalar_type(), "sab: all inputs must share xp's dtype");
+  }
   const int64_t* nread_p = nread.const_data_ptr<int64_t>();
   const int64_t* wpos_p = wpos.const_data_ptr<int64_t>();
   int64_t W = 0;
