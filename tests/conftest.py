@@ -1,6 +1,8 @@
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +16,10 @@ torch.set_num_threads(int(os.environ.get("SEQPLAT_TEST_THREADS", "1")))
 # C++ kernels go to the user's kernel cache, not to each test's isolated SEQPLAT_CACHE: a kernel is then
 # built once for the whole session (and kept for the next one) instead of in whichever test needs it first
 os.environ.setdefault("SEQPLAT_EXT_CACHE", str(extension_cache_dir()))
+# torch.compile's on-disk caches go to a fresh folder for each session: the tests that check a reported compile
+# time must see inductor compile, not load what an earlier session left in /tmp/torchinductor_<user>
+_INDUCTOR_CACHE = tempfile.mkdtemp(prefix="seqplat-tests-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
 _prebuild: subprocess.Popen | None = None
 
 
@@ -26,6 +32,10 @@ def pytest_sessionstart(session):
     if os.environ.get("SEQPLAT_TEST_PREBUILD", "1") != "0":
         _prebuild = subprocess.Popen([sys.executable, "-m", "seqplat.testing.prebuild"], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, preexec_fn=lambda: os.nice(5))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)
 
 
 

@@ -18,7 +18,13 @@ from seqplat.plugins.sab import fused
 from seqplat.plugins.sab.cell import SABCell
 from seqplat.registry import get_registry
 
-pytestmark = pytest.mark.skipif(not fused.load_cpp_extension(), reason="the sab C++ loop cannot be built here")
+
+@pytest.fixture(autouse=True)
+def _kernel():
+    """Skip where the kernel cannot be built (loaded at the first test, not at collection)."""
+    if not fused.load_cpp_extension():
+        pytest.skip(f"the sab C++ loop cannot be built here: {fused.cpp_error()}")
+
 
 OPTIONS = {
     "paper": {"hidden_size": 5},
