@@ -177,7 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> phased_fo
     for (int64_t j = 0; j < T; ++j) {
       at::Tensor z = acts[j];
       const at::Tensor p = seqplat::mm_result(z, hs[j], wf);  // h_{j-1} W_h of (L1)
-      forward_cell<scalar_t>(p.const_data_ptr<scalar_t>(), a_p + j * s4, xp_p + j * s4, k_p + j * s1, cs_p + j * s1, hs_p + j * s1,
+      forward_cell<scalar_t>(p.const_data_ptr<scalar_t>(), a_p + j * s4, xp_p + j * s4, k_p + j * s1, cs_p + j * s1,
+                             hs_p + j * s1,
                              peep.const_data_ptr<scalar_t>(), cs_p + (j + 1) * s1, ct_p + j * s1, tc_p + j * s1,
                              hs_p + (j + 1) * s1, B, H);
     }
@@ -218,7 +219,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> phased_ba
     for (int64_t j = T - 1; j >= 0; --j) {
       backward_cell<scalar_t>(a_p + j * s4, ct_p + j * s1, tc_p + j * s1, cs_p + j * s1, hs_p + j * s1,
                               k_p + j * s1, gy_p + j * s1, peep.const_data_ptr<scalar_t>(),
-                              dh_mm.const_data_ptr<scalar_t>(), dh.mutable_data_ptr<scalar_t>(), dc.mutable_data_ptr<scalar_t>(), dz_p + j * s4,
+                              dh_mm.const_data_ptr<scalar_t>(), dh.mutable_data_ptr<scalar_t>(),
+                              dc.mutable_data_ptr<scalar_t>(), dz_p + j * s4,
                               dzc_p + j * s4, dk_p + j * s1, static_cast<scalar_t>(clip), B, H);
       dh_mm = seqplat::mm_result(mm_buf, dzc[j], wb);  // (L1): dh_{j-1} = (1 - k) dh_j + dz W_h^T
     }

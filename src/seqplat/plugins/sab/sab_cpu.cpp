@@ -138,9 +138,11 @@ std::vector<at::Tensor> sab_forward(const at::Tensor& xp_in, const at::Tensor& w
   s.cs = at::empty({T + 1, B, H}, opts);
   s.tcs = at::empty({T, B, H}, opts);
   s.hhat = at::empty({T, B, H}, opts);
-  s.qs = at::zeros({T, B, d}, opts);
+  // queries and keys are written before anything reads them (only steps that read, only occupants a step
+  // reads: see initial_slots_read), so they start uninitialised
+  s.qs = at::empty({T, B, d}, opts);
   s.vals = at::empty({S + W, B, H}, opts);
-  s.keys = at::zeros({S + W, B, d}, opts);
+  s.keys = at::empty({S + W, B, d}, opts);
   s.occ = at::zeros({T, B, K1}, opts.dtype(at::kLong));
   s.w = at::zeros({T, B, K1}, opts);
   s.z = at::ones({T, B}, opts);
