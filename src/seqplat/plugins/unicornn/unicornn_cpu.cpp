@@ -95,6 +95,23 @@ void forward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* delta, c
   });
 }
 
+// The backward pass walks each row's steps from the last to the first. The hardware prefetchers follow
+// ascending streams, not this descending walk of 1-4 KB rows, so without help every step waited on memory
+// (measured at B=128, T=100, H=256 on one Zen 5 core: 5.6 ms per call against 1.3 ms for the forward).
+// Each step asks for the rows it will read and write kPrefetchSteps steps later: with 1, 2, 4 and 8 steps
+// ahead the same call took 1.63, 1.43, 1.64 and 2.00 ms on two cores (2.74 ms without), 3.1 ms on one.
+constexpr int64_t kPrefetchSteps = 2;
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* x, const scalar_t* g, scalar_t* gx, int64_t H) {
+  constexpr int64_t line = 64 / sizeof(scalar_t);
+  for (int64_t h = 0; h < H; h += line) {
+    __builtin_prefetch(x + h, 0, 3);
+    __builtin_prefetch(g + h, 0, 3);
+    __builtin_prefetch(gx + h, 1, 3);
+  }
+}
+
 template <typename scalar_t>
 void backward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* delta, const scalar_t* yT,
                    const scalar_t* zT, const scalar_t* g_out, const scalar_t* g_yT, const scalar_t* g_zT,
@@ -120,6 +137,8 @@ void backward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* delta, 
         const scalar_t* xt = xb + t * H;
         scalar_t* gxt = gxb + t * H;
         const scalar_t* g_prev = t > 0 ? gb + (t - 1) * H : zeros.data();  // no branch in the loop
+        if (t >= kPrefetchSteps + 1) prefetch_row(xb + (t - kPrefetchSteps) * H, gb + (t - 1 - kPrefetchSteps) * H,
+                                                  gxb + (t - kPrefetchSteps) * H, H);
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) {
           const scalar_t d = delta[h];
