@@ -20,13 +20,23 @@
 // reorder: 1.1-1.3x faster, the same results bit for bit. mm_result hands back oneDNN's output
 // instead of copying it into the caller's buffer.
 // SEQPLAT_STEP_GEMM=mm or onednn forces one route (for measuring); "auto" or unset picks as above.
+//
+// Thin products, where m has at most kThinMax rows or columns (GAM-RHN's memory reads and writes: N = 10
+// groups, an address width of 10), skip both libraries and run the loops below: at::mm spent 6-20 us on
+// [32, 10] x [10, 768] or [32, 768] x [768, 10] (measured through the profiler, six of them per step),
+// mostly call and packing overhead for 0.25 M multiply-adds. SEQPLAT_STEP_GEMM=mm or onednn turns the
+// loops off as well.
 
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/Dispatch.h>
 
+#include "seqplat_cpu.h"
+
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -93,12 +103,19 @@ inline int forced_route() {
 
 }  // namespace detail
 
+// the hand loops take m with at most this many rows (inner dimension) or columns (output width)
+constexpr int64_t kThinMax = 32;
+
+enum class Thin { kNone, kInner, kOuter };
+
 // m prepared once per call for many products x @ m
 struct StepMatrix {
   at::Tensor m;       // the right factor, any strides
   at::Tensor w;       // m^T as an [out, in] weight (oneDNN's blocked layout when packed), on the oneDNN route
   bool onednn = false;  // oneDNN runs products of at least min_rows rows
   int64_t min_rows = 0;
+  Thin thin = Thin::kNone;  // kInner: t = m, [K, N] row major; kOuter: t = m^T, [N, K] row major
+  at::Tensor t;
 };
 
 namespace detail {
@@ -126,6 +143,19 @@ inline int64_t onednn_min_rows(const at::Tensor& m) {
 inline StepMatrix prepare(const at::Tensor& m, int64_t steps) {
   StepMatrix s;
   s.m = m;
+  const bool floating = m.scalar_type() == at::kFloat || m.scalar_type() == at::kDouble;
+  if (detail::forced_route() == 0 && floating && m.device().is_cpu() && m.dim() == 2 && m.numel() > 0) {
+    if (m.size(0) <= kThinMax) {
+      s.thin = Thin::kInner;
+      s.t = m.contiguous();
+      return s;
+    }
+    if (m.size(1) <= kThinMax) {
+      s.thin = Thin::kOuter;
+      s.t = m.t().contiguous();
+      return s;
+    }
+  }
   s.onednn = use_onednn(m);
   if (!s.onednn) return s;
   s.min_rows = onednn_min_rows(m);
@@ -139,6 +169,108 @@ inline StepMatrix prepare(const at::Tensor& m, int64_t steps) {
 // whether this product goes through oneDNN
 inline bool via_onednn(const at::Tensor& x, const StepMatrix& s) { return s.onednn && x.size(0) >= s.min_rows; }
 
+namespace detail {
+
+// out (+)= x @ m for rows [r0, r1) with K = m.size(0) small: each output row is built in chunks of kChunk
+// columns held in registers while the K rows of m stream past
+template <typename scalar_t, bool accumulate>
+void thin_inner_rows(const scalar_t* x, int64_t xs, const scalar_t* m, int64_t K, int64_t N, scalar_t* out,
+                     int64_t os, int64_t r0, int64_t r1) {
+  constexpr int64_t kChunk = 64 / sizeof(scalar_t) * 4;  // four 512-bit registers
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* xr = x + r * xs;
+    scalar_t* o = out + r * os;
+    for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+      const int64_t w = std::min(kChunk, N - n0);
+      scalar_t acc[kChunk];
+      if (w == kChunk) {
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < kChunk; ++j) acc[j] = accumulate ? o[n0 + j] : scalar_t(0);
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t a = xr[k];
+          const scalar_t* mk = m + k * N + n0;
+          _Pragma("omp simd")
+          for (int64_t j = 0; j < kChunk; ++j) acc[j] += a * mk[j];
+        }
+      } else {
+        for (int64_t j = 0; j < w; ++j) acc[j] = accumulate ? o[n0 + j] : scalar_t(0);
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t a = xr[k];
+          const scalar_t* mk = m + k * N + n0;
+          _Pragma("omp simd")
+          for (int64_t j = 0; j < w; ++j) acc[j] += a * mk[j];
+        }
+      }
+      _Pragma("omp simd")
+      for (int64_t j = 0; j < w; ++j) o[n0 + j] = acc[j];
+    }
+  }
+}
+
+// out (+)= x @ m for rows [r0, r1) with N = m.size(1) small, from mt = m^T [N, K]: all N dot products of a row at
+// once, each loaded chunk of the row feeding N of them
+template <typename scalar_t, bool accumulate>
+void thin_outer_rows(const scalar_t* x, int64_t xs, const scalar_t* mt, int64_t K, int64_t N, scalar_t* out,
+                     int64_t os, int64_t r0, int64_t r1) {
+  constexpr int64_t kLanes = 64 / sizeof(scalar_t);  // one 512-bit register
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* xr = x + r * xs;
+    scalar_t* o = out + r * os;
+    scalar_t acc[kThinMax][kLanes];
+    for (int64_t n = 0; n < N; ++n) {
+      _Pragma("omp simd")
+      for (int64_t j = 0; j < kLanes; ++j) acc[n][j] = scalar_t(0);
+    }
+    int64_t k0 = 0;
+    for (; k0 + kLanes <= K; k0 += kLanes) {
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t* mn = mt + n * K + k0;
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < kLanes; ++j) acc[n][j] += xr[k0 + j] * mn[j];
+      }
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      scalar_t sum = scalar_t(0);
+      for (int64_t j = 0; j < kLanes; ++j) sum += acc[n][j];
+      const scalar_t* mn = mt + n * K;
+      for (int64_t k = k0; k < K; ++k) sum += xr[k] * mn[k];
+      o[n] = accumulate ? o[n] + sum : sum;
+    }
+  }
+}
+
+// whether the hand loops can run this product: a thin m, x and out with unit column stride, one dtype
+inline bool thin_applies(const at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
+  return s.thin != Thin::kNone && x.dim() == 2 && out.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1 &&
+         x.scalar_type() == s.t.scalar_type() && out.scalar_type() == s.t.scalar_type() && x.size(0) == out.size(0);
+}
+
+// out (+)= x @ m through the hand loops (thin_applies holds); rows in parallel chunks of at least 2^15
+// multiply-adds
+template <bool accumulate>
+void thin_product(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
+  const int64_t rows = x.size(0);
+  const int64_t K = s.thin == Thin::kInner ? s.t.size(0) : s.t.size(1);
+  const int64_t N = s.thin == Thin::kInner ? s.t.size(1) : s.t.size(0);
+  TORCH_CHECK(x.size(1) == K && out.size(1) == N, "seqplat: product shapes do not match: [", rows, ", ", x.size(1),
+              "] x [", K, ", ", N, "] into ", out.sizes());
+  AT_DISPATCH_FLOATING_TYPES(s.t.scalar_type(), "seqplat_thin_product", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* mp = s.t.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const int64_t xs = x.stride(0), os = out.stride(0);
+    for_rows(rows, row_grain(K * N, int64_t(1) << 15), [&](int64_t r0, int64_t r1) {
+      if (s.thin == Thin::kInner) {
+        thin_inner_rows<scalar_t, accumulate>(xp, xs, mp, K, N, op, os, r0, r1);
+      } else {
+        thin_outer_rows<scalar_t, accumulate>(xp, xs, mp, K, N, op, os, r0, r1);
+      }
+    });
+  });
+}
+
+}  // namespace detail
+
 inline at::Tensor product(const at::Tensor& x, const StepMatrix& s) {
   return (*detail::linear_op())
       .call(x.contiguous(), s.w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
@@ -146,7 +278,9 @@ inline at::Tensor product(const at::Tensor& x, const StepMatrix& s) {
 
 // out = x @ m
 inline void mm_into(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
-  if (via_onednn(x, s)) {
+  if (detail::thin_applies(out, x, s)) {
+    detail::thin_product<false>(out, x, s);
+  } else if (via_onednn(x, s)) {
     out.copy_(product(x, s));
   } else {
     at::mm_out(out, x, s.m);
@@ -156,6 +290,10 @@ inline void mm_into(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
 // x @ m without a copy: computed into `out` on the at::mm route (and `out` returned), into a new tensor on the
 // oneDNN route (`out` untouched). The caller reads the product from the returned tensor.
 inline at::Tensor mm_result(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
+  if (detail::thin_applies(out, x, s)) {
+    detail::thin_product<false>(out, x, s);
+    return out;
+  }
   if (via_onednn(x, s)) return product(x, s);
   at::mm_out(out, x, s.m);
   return out;
@@ -172,7 +310,9 @@ inline void affine_into(at::Tensor& out, const at::Tensor& c, const at::Tensor& 
 
 // out += x @ m
 inline void addmm_into(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
-  if (via_onednn(x, s)) {
+  if (detail::thin_applies(out, x, s)) {
+    detail::thin_product<true>(out, x, s);
+  } else if (via_onednn(x, s)) {
     out.add_(product(x, s));
   } else {
     out.addmm_(x, s.m);
