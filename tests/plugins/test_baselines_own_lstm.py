@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from seqplat import SeqplatError, build_cell
+from seqplat.core import gemm
 from seqplat.core.cpp_ext import extension_cache_dir
 from seqplat.core.train import train
 from seqplat.plugins.baselines import own_lstm as own
@@ -78,17 +79,15 @@ def test_own_matches_fused_and_reference(case, other, backend):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_forward_of_cell_uses_the_own_path_and_keeps_checkpoint_names():
+def test_forward_of_cell_uses_the_own_path_and_keeps_checkpoint_names(monkeypatch):
     fused, mine = _cell("fused"), _cell("own")
     assert fused.state_dict().keys() == mine.state_dict().keys()
     x = torch.randn(2, 7, 4)
     calls = []
-    orig = own.LSTMRecurrence.apply
-    own.LSTMRecurrence.apply = lambda *a: calls.append(1) or orig(*a)  # type: ignore[method-assign]
-    try:
-        y, _ = mine(x)
-    finally:
-        own.LSTMRecurrence.apply = orig  # type: ignore[method-assign]
+    for fn in (own.LSTMRecurrence, own.LSTMLayer):  # the latter where the C++ loop runs the projection too
+        orig = fn.apply
+        monkeypatch.setattr(fn, "apply", lambda *a, orig=orig: calls.append(1) or orig(*a))
+    y, _ = mine(x)
     assert calls and y.shape == (2, 7, 5)
     torch.testing.assert_close(y, fused(x)[0], atol=1e-5, rtol=1e-4)
 
@@ -131,9 +130,33 @@ def test_cpp_and_python_backends_agree_float32():
     for a, e in zip(fwd_cpp, fwd_py, strict=True):
         torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
     bwd_py = own.python_backward(*fwd_py, w_hh, g_y, g_h, g_c)
-    bwd_cpp = own.cpp_ops().backward(*fwd_py, w_hh, g_y, g_h, g_c)
+    *bwd_cpp, no_w_ih = own.cpp_ops().backward(*fwd_py, w_hh, g_y, g_h, g_c)
     for a, e in zip(bwd_cpp, bwd_py, strict=True):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+    assert no_w_ih is None or no_w_ih.numel() == 0
+    # given the projection's input, the backward also returns grad W_ih = sum_t da_t^T x_t
+    x = torch.randn(7 * 3, 5)
+    *again, g_w_ih = own.cpp_ops().backward(*fwd_py, w_hh, g_y, g_h, g_c, x)
+    for a, e in zip(again, bwd_py, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_w_ih, bwd_py[0].reshape(7 * 3, -1).t() @ x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not gemm.projection_uses_onednn(torch.ones(1), torch.ones(1)),
+                    reason="the projection runs inside the C++ loop's function only where it takes oneDNN")
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpp_layer_with_the_projection_inside_matches_the_reference(bias):
+    """float32 at a size where every product and weight gradient takes oneDNN: own_lstm.LSTMLayer's outputs and
+    the gradients of x, the state and the parameters equal the reference path's."""
+    if not _cpp_available():
+        pytest.skip(f"C++ loop unavailable: {own.cpp_error()}")
+    cell = _cell("own", hidden=64, input_size=40, bias=bias)
+    x = torch.randn(5, 9, 40, requires_grad=True)
+    h0, c0 = torch.randn(5, 64, requires_grad=True), torch.randn(5, 64, requires_grad=True)
+    got, want = _run(cell, x, h0, c0, "own"), _run(cell, x, h0, c0, "reference")
+    assert len(got) == 6 + (4 if bias else 2)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, atol=2e-5, rtol=1e-4)
 
 
 def test_auto_falls_back_to_python_without_a_compiler(monkeypatch):

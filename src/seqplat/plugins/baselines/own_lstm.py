@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from seqplat.core.cpp_ext import CppKernel
-from seqplat.core.gemm import project_steps
+from seqplat.core.gemm import onednn_linear, project_steps, projection_uses_onednn
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +169,48 @@ class LSTMRecurrence(torch.autograd.Function):
         gates, hs, cs, tcs, w_hh = ctx.saved_tensors
         g_y, g_hT, g_cT = g_y.contiguous(), g_hT.contiguous(), g_cT.contiguous()
         if ctx.backend == "cpp":
-            gxp, gw, gh0, gc0 = cpp_ops().backward(gates, hs, cs, tcs, w_hh, g_y, g_hT, g_cT)
+            gxp, gw, gh0, gc0, _ = cpp_ops().backward(gates, hs, cs, tcs, w_hh, g_y, g_hT, g_cT)
         else:
             gxp, gw, gh0, gc0 = python_backward(gates, hs, cs, tcs, w_hh, g_y, g_hT, g_cT)
         needs = ctx.needs_input_grad
         return (gxp if needs[0] else None, gw if needs[1] else None, gh0 if needs[2] else None,
                 gc0 if needs[3] else None, None)
+
+
+class LSTMLayer(torch.autograd.Function):
+    """The C++ loop with the input projection inside: ``(x[t*b,d], W_ih, b, W_hh, h_0, c_0) -> (y, h_T, c_T)``.
+
+    ``x`` is time major and flat. The forward computes ``xp = x W_ih^T + b`` on oneDNN and runs the loop;
+    the backward gets ``grad W_ih`` from the C++ backward together with ``grad W_hh`` (the pre-activation
+    gradient is copied into oneDNN's tensor type once for both, not once per matrix as when autograd runs
+    the projection's backward), ``grad x`` as one oneDNN product and ``grad b`` as one sum. Used where
+    :func:`~seqplat.core.gemm.projection` would take oneDNN (float32 on an AVX-512 CPU).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w_ih: Tensor, bias: Tensor | None, w_hh: Tensor, h0: Tensor,
+                c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        batch = h0.shape[0]
+        steps = x.shape[0] // batch
+        xp = onednn_linear(x, w_ih.contiguous(), None if bias is None else bias.contiguous())
+        w_hh, h0, c0 = w_hh.contiguous(), h0.contiguous(), c0.contiguous()
+        gates, hs, cs, tcs = cpp_ops().forward(xp.view(steps, batch, -1), w_hh, h0, c0)
+        ctx.save_for_backward(gates, hs, cs, tcs, w_hh, x, w_ih)
+        ctx.has_bias = bias is not None
+        return hs[1:], hs[-1].clone(), cs[-1].clone()
+
+    @staticmethod
+    def backward(ctx: Any, g_y: Tensor, g_hT: Tensor, g_cT: Tensor) -> tuple[Tensor | None, ...]:
+        gates, hs, cs, tcs, w_hh, x, w_ih = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        gxp, gw_hh, gh0, gc0, gw_ih = cpp_ops().backward(gates, hs, cs, tcs, w_hh, g_y.contiguous(),
+                                                         g_hT.contiguous(), g_cT.contiguous(),
+                                                         x if needs[1] else None)
+        gxp = gxp.view(x.shape[0], -1)
+        gx = onednn_linear(gxp, w_ih.t().contiguous()) if needs[0] else None
+        gb = gxp.sum(0) if ctx.has_bias and needs[2] else None
+        return (gx, gw_ih if needs[1] else None, gb, gw_hh if needs[3] else None, gh0 if needs[4] else None,
+                gc0 if needs[5] else None)
 
 
 resolve_backend = KERNEL.resolve  # "cpp" or "python" for a cell's backend option and an input
@@ -190,6 +226,13 @@ def own_lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih
     """One LSTM layer, batch first: ``x[b,t,d] -> (y[b,t,h], (h_T, c_T))``, the same as ``nn.LSTM``."""
     if x.shape[1] == 0:
         raise ValueError(f"own lstm: x must have at least one time step, got shape {tuple(x.shape)}")
+    chosen = resolve_backend(backend, x)
+    if chosen == "cpp" and projection_uses_onednn(x, w_ih):
+        batch, steps, d = x.shape
+        bias = None if b_ih is None or b_hh is None else b_ih + b_hh
+        x_tm = x.transpose(0, 1).reshape(steps * batch, d)
+        y, h_n, c_n = LSTMLayer.apply(x_tm, w_ih, bias, w_hh, h0, c0)
+        return y.transpose(0, 1), (h_n, c_n)
     xp = input_projection(x, w_ih, b_ih, b_hh)
-    y, h_n, c_n = LSTMRecurrence.apply(xp, w_hh, h0, c0, resolve_backend(backend, x))
+    y, h_n, c_n = LSTMRecurrence.apply(xp, w_hh, h0, c0, chosen)
     return y.transpose(0, 1), (h_n, c_n)

@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <tuple>
 
 namespace {
@@ -82,9 +83,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_forward(cons
   return {gates, hs, cs, tcs};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_backward(
+// x, when given, is the input of the hoisted projection ([T*B, D], time major): grad W_ih = sum_t d a_t^T x_t
+// is then returned as the fifth output (else an empty tensor), computed beside grad W_hh so that d a is
+// copied into oneDNN's tensor type once for both (seqplat::outer_pair).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_backward(
     const at::Tensor& gates, const at::Tensor& hs, const at::Tensor& cs, const at::Tensor& tcs,
-    const at::Tensor& w_hh_in, const at::Tensor& g_y_in, const at::Tensor& g_hT, const at::Tensor& g_cT) {
+    const at::Tensor& w_hh_in, const at::Tensor& g_y_in, const at::Tensor& g_hT, const at::Tensor& g_cT,
+    const std::optional<at::Tensor>& x) {
   const int64_t T = gates.size(0), B = gates.size(1), H = gates.size(2) / 4;
   TORCH_CHECK(T >= 1, "own lstm: the backward pass needs at least one step");
   const at::Tensor w_hh = w_hh_in.contiguous();
@@ -106,8 +111,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_backward(
     }
   });
   // (1) a = xp_t + W_hh h_{t-1}: grad W_hh = sum_t d a_t^T h_{t-1}, one GEMM over all T*B rows
-  at::Tensor grad_w = seqplat::outer(da_all.view({T * B, 4 * H}), hs.narrow(0, 0, T).reshape({T * B, H}));
-  return {da_all, grad_w, dh, dc};
+  const at::Tensor da2 = da_all.view({T * B, 4 * H}), h_prev = hs.narrow(0, 0, T).reshape({T * B, H});
+  if (x.has_value()) {
+    TORCH_CHECK(x->dim() == 2 && x->size(0) == T * B, "own lstm: x must be [T*B, D], got ", x->sizes());
+    auto [grad_w, grad_w_ih] = seqplat::outer_pair(da2, h_prev, x->to(gates.scalar_type()));
+    return {da_all, grad_w, dh, dc, grad_w_ih};
+  }
+  return {da_all, seqplat::outer(da2, h_prev), dh, dc, at::Tensor()};
 }
 
 }  // namespace
@@ -116,7 +126,7 @@ TORCH_LIBRARY(seqplat_own_lstm, m) {
   m.def("forward(Tensor xp, Tensor w_hh, Tensor h0, Tensor c0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor gates, Tensor hs, Tensor cs, Tensor tcs, Tensor w_hh, Tensor grad_y, Tensor grad_hT, "
-      "Tensor grad_cT) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor grad_cT, Tensor? x=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(seqplat_own_lstm, CPU, m) {
