@@ -327,6 +327,35 @@ inline void addmm_into(at::Tensor& out, const at::Tensor& x, const StepMatrix& s
 // SEQPLAT_STEP_GEMM forces a route as for the step products.
 constexpr int64_t kOnednnMinOuter = int64_t(1) << 14;
 
+}  // namespace seqplat
+
+namespace at::native {
+// exported by libtorch_cpu (ATen/native/mkldnn/MKLDNNCommon.h, a header torch does not install): the memory of a
+// oneDNN tensor
+TORCH_API void* data_ptr_from_mkldnn(const at::Tensor& mkldnn_tensor);
+}  // namespace at::native
+
+namespace seqplat {
+
+// A [rows, cols] buffer for the left factor of outer(): `dense` to write, and on the oneDNN route `onednn`, the same
+// memory as oneDNN's tensor type (plain row-major layout), so outer() reads it without the copy that
+// Tensor::to_mkldnn makes (1.9 ms for [3200, 1024] within an LSTM's training step, a third of the product).
+// Off that route (another dtype, a CPU without AVX-512, SEQPLAT_STEP_GEMM=mm) `onednn` is undefined.
+struct OuterFactor {
+  at::Tensor dense;
+  at::Tensor onednn;
+};
+
+inline OuterFactor outer_factor(int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  const bool onednn = options.dtype() == at::kFloat && options.device().is_cpu() && detail::forced_route() != 1 &&
+                      at::hasMKLDNN() && (detail::forced_route() == 2 || detail::cpu_has_avx512());
+  if (!onednn || rows == 0 || cols == 0) return {at::empty({rows, cols}, options), at::Tensor()};
+  at::Tensor twin = at::empty({rows, cols}, options.layout(at::kMkldnn));
+  void* data = at::native::data_ptr_from_mkldnn(twin);
+  at::Tensor dense = at::from_blob(data, {rows, cols}, [twin](void*) {}, options);  // keeps the memory's owner alive
+  return {dense, twin};
+}
+
 namespace detail {
 inline bool outer_via_onednn(const at::Tensor& a, const at::Tensor& b) {
   return onednn_can_run(a) && onednn_can_run(b) &&
@@ -346,14 +375,20 @@ inline at::Tensor outer(const at::Tensor& a, const at::Tensor& b) {
   return detail::outer_onednn(a.contiguous().to_mkldnn(), b);
 }
 
+// outer(a.dense, b) reading a's oneDNN twin where there is one
+inline at::Tensor outer(const OuterFactor& a, const at::Tensor& b) {
+  if (!detail::outer_via_onednn(a.dense, b)) return at::mm(a.dense.t(), b);
+  return detail::outer_onednn(a.onednn.defined() ? a.onednn : a.dense.contiguous().to_mkldnn(), b);
+}
+
 // (a^T @ b1, a^T @ b2): the weight gradients of two matrices fed by the same pre-activation gradient a (an
-// LSTM's W_hh and W_ih). On the oneDNN route a is copied into oneDNN's tensor type once for both: that copy of
-// [T*B, 4H] took as long as a third of the product (1.9 ms at T*B = 3200, H = 256).
-inline std::pair<at::Tensor, at::Tensor> outer_pair(const at::Tensor& a, const at::Tensor& b1, const at::Tensor& b2) {
-  const bool o1 = detail::outer_via_onednn(a, b1), o2 = detail::outer_via_onednn(a, b2);
-  if (!o1 && !o2) return {at::mm(a.t(), b1), at::mm(a.t(), b2)};
-  const at::Tensor am = a.contiguous().to_mkldnn();
-  return {o1 ? detail::outer_onednn(am, b1) : at::mm(a.t(), b1), o2 ? detail::outer_onednn(am, b2) : at::mm(a.t(), b2)};
+// LSTM's W_hh and W_ih); on the oneDNN route a is in oneDNN's tensor type once for both
+inline std::pair<at::Tensor, at::Tensor> outer_pair(const OuterFactor& a, const at::Tensor& b1, const at::Tensor& b2) {
+  const bool o1 = detail::outer_via_onednn(a.dense, b1), o2 = detail::outer_via_onednn(a.dense, b2);
+  if (!o1 && !o2) return {at::mm(a.dense.t(), b1), at::mm(a.dense.t(), b2)};
+  const at::Tensor am = a.onednn.defined() ? a.onednn : a.dense.contiguous().to_mkldnn();
+  return {o1 ? detail::outer_onednn(am, b1) : at::mm(a.dense.t(), b1),
+          o2 ? detail::outer_onednn(am, b2) : at::mm(a.dense.t(), b2)};
 }
 
 }  // namespace seqplat

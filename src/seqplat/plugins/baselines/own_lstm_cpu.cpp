@@ -94,7 +94,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_
   TORCH_CHECK(T >= 1, "own lstm: the backward pass needs at least one step");
   const at::Tensor w_hh = w_hh_in.contiguous();
   const at::Tensor g_y = g_y_in.to(gates.scalar_type()).contiguous();
-  at::Tensor da_all = at::empty_like(gates);
+  // d a of every step, [T*B, 4H]: also oneDNN's tensor type over the same memory for the weight gradients
+  const seqplat::OuterFactor da_rows = seqplat::outer_factor(T * B, 4 * H, gates.options());
+  at::Tensor da_all = da_rows.dense.view({T, B, 4 * H});
   at::Tensor dh = g_hT.to(gates.scalar_type()).clone().contiguous();  // dh_T without g_y[T-1]
   at::Tensor dh_buf = at::empty_like(dh);
   at::Tensor dc = g_cT.to(gates.scalar_type()).clone().contiguous();
@@ -111,13 +113,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_
     }
   });
   // (1) a = xp_t + W_hh h_{t-1}: grad W_hh = sum_t d a_t^T h_{t-1}, one GEMM over all T*B rows
-  const at::Tensor da2 = da_all.view({T * B, 4 * H}), h_prev = hs.narrow(0, 0, T).reshape({T * B, H});
+  const at::Tensor h_prev = hs.narrow(0, 0, T).reshape({T * B, H});
   if (x.has_value()) {
     TORCH_CHECK(x->dim() == 2 && x->size(0) == T * B, "own lstm: x must be [T*B, D], got ", x->sizes());
-    auto [grad_w, grad_w_ih] = seqplat::outer_pair(da2, h_prev, x->to(gates.scalar_type()));
+    auto [grad_w, grad_w_ih] = seqplat::outer_pair(da_rows, h_prev, x->to(gates.scalar_type()));
     return {da_all, grad_w, dh, dc, grad_w_ih};
   }
-  return {da_all, seqplat::outer(da2, h_prev), dh, dc, at::Tensor()};
+  return {da_all, seqplat::outer(da_rows, h_prev), dh, dc, at::Tensor()};
 }
 
 }  // namespace
