@@ -381,6 +381,16 @@ inline at::Tensor outer(const OuterFactor& a, const at::Tensor& b) {
   return detail::outer_onednn(a.onednn.defined() ? a.onednn : a.dense.contiguous().to_mkldnn(), b);
 }
 
+// (a^T @ b, the column sums of a): the weight and bias gradients of a linear layer b -> a; on the oneDNN route one
+// backward-weights call computes both
+inline std::pair<at::Tensor, at::Tensor> outer_with_sum(const OuterFactor& a, const at::Tensor& b) {
+  if (!detail::outer_via_onednn(a.dense, b)) return {at::mm(a.dense.t(), b), a.dense.sum(0)};
+  const at::Tensor am = a.onednn.defined() ? a.onednn : a.dense.contiguous().to_mkldnn();
+  const at::Tensor shape = at::empty({a.dense.size(1), b.size(1)}, b.options()).to_mkldnn();
+  auto grads = at::mkldnn_linear_backward_weights(am, b.contiguous().to_mkldnn(), shape, true);
+  return {std::get<0>(grads).to_dense(), std::get<1>(grads).to_dense()};
+}
+
 // (a^T @ b1, a^T @ b2): the weight gradients of two matrices fed by the same pre-activation gradient a (an
 // LSTM's W_hh and W_ih); on the oneDNN route a is in oneDNN's tensor type once for both
 inline std::pair<at::Tensor, at::Tensor> outer_pair(const OuterFactor& a, const at::Tensor& b1, const at::Tensor& b2) {

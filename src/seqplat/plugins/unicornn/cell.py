@@ -38,7 +38,7 @@ from seqplat.core.cell import State
 from seqplat.core.gemm import projection
 
 from .config import CoRNNConfig, UnICORNNConfig
-from .recurrence import fused_scan, reference_scan
+from .recurrence import fused_scan, projected_scan, projected_scan_applies, reference_scan
 
 
 class UnICORNNLayer(nn.Module):
@@ -100,8 +100,16 @@ class UnICORNNCell(Cell):
     def _run(self, x: Tensor, state: State, fast: bool) -> tuple[Tensor, State]:
         new_state = []
         for layer, (y0, z0) in zip(self.layers, state, strict=True):
+            lin = layer.linear
+            if fast and projected_scan_applies(x, lin.weight, lin.bias, self.config.backend):
+                # (U1)-(U3) in one function: the projection's gradients from the C++ backward
+                y0, z0 = y0.to(x.dtype), z0.to(x.dtype)
+                mask = self.dropout_mask(x.new_empty(x.shape[0], 1, lin.weight.shape[0]))  # [b, 1, h]
+                x, yT, zT = projected_scan(x.reshape(-1, x.shape[-1]), lin.weight, lin.bias, layer.w, layer.delta(),
+                                           y0, z0, self.alpha, x.shape[0], mask)
+                new_state.append((yT, zT))
+                continue
             if fast:  # (U1), all t at once (oneDNN both ways on AVX-512 CPUs, see seqplat.core.gemm)
-                lin = layer.linear
                 pre = projection(x.reshape(-1, x.shape[-1]), lin.weight, lin.bias).view(*x.shape[:-1], -1)
             else:
                 pre = layer.linear(x)                              # (U1), all t at once

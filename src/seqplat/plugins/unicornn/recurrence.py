@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from seqplat.core.cpp_ext import CppKernel
+from seqplat.core.gemm import onednn_linear, projection_uses_onednn
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class ReverseRecomputeScan(torch.autograd.Function):
     def backward(ctx: Any, g_out: Tensor, g_yT: Tensor, g_zT: Tensor) -> tuple[Tensor | None, ...]:
         x, w, delta, yT, zT, mask = ctx.saved_tensors
         if ctx.backend == "cpp":
-            gx, gw, gd, gy0, gz0 = torch.ops.seqplat_unicornn.backward(
+            gx, gw, gd, gy0, gz0, _, _ = torch.ops.seqplat_unicornn.backward(
                 x, w, delta, yT, zT, g_out, g_yT, g_zT, ctx.alpha, mask
             )
         else:
@@ -171,6 +172,52 @@ class ReverseRecomputeScan(torch.autograd.Function):
         needs = ctx.needs_input_grad
         return (gx if needs[0] else None, gw if needs[1] else None, gd if needs[2] else None,
                 gy0 if needs[3] else None, gz0 if needs[4] else None, None, None, None)
+
+
+class ProjectedScan(torch.autograd.Function):
+    """One UnICORNN layer with its input projection (U1) inside, on the C++ loop: ``u [b*t, d] -> x = u V^T + b
+    -> (y * mask, y_T, z_T)``.
+
+    Used where :func:`~seqplat.core.gemm.projection` takes oneDNN (float32 on an AVX-512 CPU). The C++ backward
+    writes ``grad x`` where oneDNN's backward-weights primitive reads it in place and returns ``grad V`` and
+    ``grad b`` from one call of it, instead of the copy of ``grad x``, the product and the bias sum that
+    autograd's projection backward runs. ``grad u`` is one oneDNN product.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, v: Tensor, b: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor,
+                alpha: float, mask: Tensor | None, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        x = onednn_linear(u, v.contiguous(), b.contiguous()).view(batch, u.shape[0] // batch, -1)
+        out, yT, zT = torch.ops.seqplat_unicornn.forward(x, w, delta, y0, z0, float(alpha), mask)
+        ctx.save_for_backward(u, v, x, w, delta, yT, zT, mask)
+        ctx.alpha = float(alpha)
+        return out, yT, zT
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Tensor, g_yT: Tensor, g_zT: Tensor) -> tuple[Tensor | None, ...]:
+        u, v, x, w, delta, yT, zT, mask = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        gx, gw, gd, gy0, gz0, gv, gb = torch.ops.seqplat_unicornn.backward(
+            x, w, delta, yT, zT, g_out, g_yT, g_zT, ctx.alpha, mask, u
+        )
+        gu = onednn_linear(gx.view(u.shape[0], -1), v.t().contiguous()) if needs[0] else None
+        return (gu, gv if needs[1] else None, gb if needs[2] else None, gw if needs[3] else None,
+                gd if needs[4] else None, gy0 if needs[5] else None, gz0 if needs[6] else None, None, None, None)
+
+
+def projected_scan_applies(u: Tensor, v: Tensor, b: Tensor | None, backend: Backend) -> bool:
+    """Whether :func:`projected_scan` runs: a bias, float32 on the oneDNN route, and the C++ loop chosen."""
+    return b is not None and projection_uses_onednn(u, v) and resolve_backend(backend, u) == "cpp"
+
+
+def projected_scan(u: Tensor, v: Tensor, b: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor,
+                   alpha: float, batch: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:class:`ProjectedScan`: ``u`` is the layer input ``[b*t, d]`` (batch first), ``v``, ``b`` the projection
+    (U1); the rest as :func:`fused_scan` (``projected_scan_applies`` must hold)."""
+    if mask is not None:
+        mask = mask.detach().reshape(batch, -1).to(u.dtype).contiguous()
+    return ProjectedScan.apply(u.contiguous(), v, b, w, delta, y0.contiguous(), z0.contiguous(), float(alpha), mask,
+                               batch)
 
 
 def fused_scan(x: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor, alpha: float,

@@ -33,6 +33,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "seqplat_gemm.h"
+
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -196,10 +198,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unicornn_forward(const at::Tensor
   return {out, yT, zT};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unicornn_backward(
+// u, when given, is the input of the layer's projection x = u V^T + b ([B*T, D], batch first like x): the
+// backward then also returns grad V = sum g_x^T u and grad b = sum g_x (else two empty tensors). g_x is written
+// into a buffer oneDNN's backward-weights primitive reads in place (seqplat::outer_factor), which computes both
+// in one call, with no copy of g_x and no separate pass for the bias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unicornn_backward(
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& delta_in, const at::Tensor& yT_in,
     const at::Tensor& zT_in, const at::Tensor& g_out_in, const at::Tensor& g_yT_in, const at::Tensor& g_zT_in,
-    double alpha, const std::optional<at::Tensor>& mask_in) {
+    double alpha, const std::optional<at::Tensor>& mask_in, const std::optional<at::Tensor>& u) {
   check_inputs(x_in, w_in, delta_in, yT_in, zT_in, mask_in);
   const std::optional<at::Tensor> mask =
       mask_in.has_value() ? std::optional<at::Tensor>(mask_in->contiguous()) : std::nullopt;
@@ -210,7 +216,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unicornn_
   const at::Tensor g_yT = g_yT_in.to(x.scalar_type()).contiguous();
   const at::Tensor g_zT = g_zT_in.to(x.scalar_type()).contiguous();
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2);
-  at::Tensor g_x = at::empty_like(x);
+  const seqplat::OuterFactor g_rows = seqplat::outer_factor(B * T, H, x.options());
+  at::Tensor g_x = g_rows.dense.view({B, T, H});
   at::Tensor g_w_part = at::empty({B, H}, x.options());
   at::Tensor g_delta_part = at::empty({B, H}, x.options());
   at::Tensor g_y0 = at::empty_like(yT);
@@ -224,7 +231,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unicornn_
                             g_delta_part.mutable_data_ptr<scalar_t>(), g_y0.mutable_data_ptr<scalar_t>(),
                             g_z0.mutable_data_ptr<scalar_t>(), B, T, H, static_cast<scalar_t>(alpha));
   });
-  return {g_x, g_w_part.sum(0), g_delta_part.sum(0), g_y0, g_z0};
+  at::Tensor g_v, g_b;
+  if (u.has_value()) {
+    TORCH_CHECK(u->dim() == 2 && u->size(0) == B * T, "unicornn: u must be [B*T, D], got ", u->sizes());
+    std::tie(g_v, g_b) = seqplat::outer_with_sum(g_rows, u->to(x.scalar_type()));
+  }
+  return {g_x, g_w_part.sum(0), g_delta_part.sum(0), g_y0, g_z0, g_v, g_b};
 }
 
 }  // namespace
@@ -235,7 +247,8 @@ TORCH_LIBRARY(seqplat_unicornn, m) {
       "(Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor x, Tensor w, Tensor delta, Tensor yT, Tensor zT, Tensor grad_out, Tensor grad_yT, "
-      "Tensor grad_zT, float alpha, Tensor? mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor grad_zT, float alpha, Tensor? mask=None, Tensor? u=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(seqplat_unicornn, CPU, m) {
