@@ -130,16 +130,18 @@ def test_cpp_and_python_backends_agree_float32():
     for a, e in zip(fwd_cpp, fwd_py, strict=True):
         torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
     bwd_py = own.python_backward(*fwd_py, w_hh, g_y, g_h, g_c)
-    *bwd_cpp, no_w_ih = own.cpp_ops().backward(*fwd_py, w_hh, g_y, g_h, g_c)
+    *bwd_cpp, no_w_ih, no_b = own.cpp_ops().backward(*fwd_py, w_hh, g_y, g_h, g_c)
     for a, e in zip(bwd_cpp, bwd_py, strict=True):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
-    assert no_w_ih is None or no_w_ih.numel() == 0
-    # given the projection's input, the backward also returns grad W_ih = sum_t da_t^T x_t
+    assert no_w_ih is None and no_b is None
+    # given the projection's input, the backward also returns grad W_ih = sum_t da_t^T x_t and grad b = sum_t da_t
     x = torch.randn(7 * 3, 5)
-    *again, g_w_ih = own.cpp_ops().backward(*fwd_py, w_hh, g_y, g_h, g_c, x)
+    *again, g_w_ih, g_b = own.cpp_ops().backward(*fwd_py, w_hh, g_y, g_h, g_c, x)
     for a, e in zip(again, bwd_py, strict=True):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(g_w_ih, bwd_py[0].reshape(7 * 3, -1).t() @ x, atol=1e-5, rtol=1e-5)
+    da = bwd_py[0].reshape(7 * 3, -1)
+    torch.testing.assert_close(g_w_ih, da.t() @ x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_b, da.sum(0), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not gemm.projection_uses_onednn(torch.ones(1), torch.ones(1)),

@@ -26,6 +26,7 @@ from seqplat import (
     build_run_config,
     count_parameters,
 )
+from seqplat.core import gemm
 from seqplat.core.model import build_task
 from seqplat.core.train import train
 from seqplat.plugins.phased_lstm import scan
@@ -159,6 +160,35 @@ def test_fast_path_matches_reference_in_training_mode(clip, backend):
     assert g_f.keys() == g_r.keys()
     for k in g_r:
         torch.testing.assert_close(g_f[k], g_r[k], msg=k)
+
+
+@pytest.mark.skipif(not gemm.projection_uses_onednn(torch.ones(1), torch.ones(1)),
+                    reason="the projection runs inside the C++ op's function only where it takes oneDNN")
+@pytest.mark.parametrize("peepholes", [True, False])
+@pytest.mark.parametrize("clip", [None, 1e-3], ids=["no_clip", "gate_clip"])
+def test_projection_inside_the_cpp_function_matches_the_reference(clip, peepholes, monkeypatch):
+    """float32 at H=64, where the fast path runs the input projection inside scan.PhasedLayerCpp and takes dW_x,
+    db and dW_h from the C++ backward: outputs and all gradients match the reference path."""
+    needs_kernel()
+    calls = []
+    original = scan.PhasedLayerCpp.apply
+    monkeypatch.setattr(scan.PhasedLayerCpp, "apply", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    cell = build_cell({"name": "phased_lstm", "hidden_size": 64, "peepholes": peepholes, "learn_r_on": True,
+                       "gate_grad_clip": clip}, 20).train()
+    x = torch.randn(4, 12, 20)
+    times = torch.cumsum(torch.rand(4, 12), 1)
+    times[0, :3] = float("nan")  # left padding of one row
+    y_r, gx_r, g_r = outputs_and_grads(cell, x, times, fast=False)
+    assert not calls
+    y_f, gx_f, g_f = outputs_and_grads(cell, x, times, fast=True)
+    assert calls
+    torch.testing.assert_close(y_f, y_r, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gx_f, gx_r, atol=1e-5, rtol=1e-4)
+    assert g_f.keys() == g_r.keys()
+    for k in g_r:
+        err = ((g_f[k] - g_r[k]).norm() / g_r[k].norm().clamp_min(1e-30)).item()
+        assert err < 1e-5, f"{k}: {err:.2e}"
 
 
 def test_gate_gradient_clip_changes_the_backward_only():

@@ -391,14 +391,19 @@ inline std::pair<at::Tensor, at::Tensor> outer_with_sum(const OuterFactor& a, co
   return {std::get<0>(grads).to_dense(), std::get<1>(grads).to_dense()};
 }
 
-// (a^T @ b1, a^T @ b2): the weight gradients of two matrices fed by the same pre-activation gradient a (an
-// LSTM's W_hh and W_ih); on the oneDNN route a is in oneDNN's tensor type once for both
-inline std::pair<at::Tensor, at::Tensor> outer_pair(const OuterFactor& a, const at::Tensor& b1, const at::Tensor& b2) {
+// (a^T @ b1, a^T @ b2, and with `sum` the column sums of a, else undefined): the weight gradients of two matrices
+// fed by the same pre-activation gradient a (an LSTM's W_hh and W_ih) and of its bias; on the oneDNN route a is in
+// oneDNN's tensor type once for both, and the second call computes the bias gradient too
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> outer_pair(const OuterFactor& a, const at::Tensor& b1,
+                                                                 const at::Tensor& b2, bool sum = false) {
   const bool o1 = detail::outer_via_onednn(a.dense, b1), o2 = detail::outer_via_onednn(a.dense, b2);
-  if (!o1 && !o2) return {at::mm(a.dense.t(), b1), at::mm(a.dense.t(), b2)};
-  const at::Tensor am = a.onednn.defined() ? a.onednn : a.dense.contiguous().to_mkldnn();
-  return {o1 ? detail::outer_onednn(am, b1) : at::mm(a.dense.t(), b1),
-          o2 ? detail::outer_onednn(am, b2) : at::mm(a.dense.t(), b2)};
+  at::Tensor am;
+  if (o1 || o2) am = a.onednn.defined() ? a.onednn : a.dense.contiguous().to_mkldnn();
+  at::Tensor g1 = o1 ? detail::outer_onednn(am, b1) : at::mm(a.dense.t(), b1);
+  if (!o2) return {g1, at::mm(a.dense.t(), b2), sum ? a.dense.sum(0) : at::Tensor()};
+  const at::Tensor shape = at::empty({a.dense.size(1), b2.size(1)}, b2.options()).to_mkldnn();
+  auto grads = at::mkldnn_linear_backward_weights(am, b2.contiguous().to_mkldnn(), shape, sum);
+  return {g1, std::get<0>(grads).to_dense(), sum ? std::get<1>(grads).to_dense() : at::Tensor()};
 }
 
 }  // namespace seqplat

@@ -169,7 +169,7 @@ class LSTMRecurrence(torch.autograd.Function):
         gates, hs, cs, tcs, w_hh = ctx.saved_tensors
         g_y, g_hT, g_cT = g_y.contiguous(), g_hT.contiguous(), g_cT.contiguous()
         if ctx.backend == "cpp":
-            gxp, gw, gh0, gc0, _ = cpp_ops().backward(gates, hs, cs, tcs, w_hh, g_y, g_hT, g_cT)
+            gxp, gw, gh0, gc0, _, _ = cpp_ops().backward(gates, hs, cs, tcs, w_hh, g_y, g_hT, g_cT)
         else:
             gxp, gw, gh0, gc0 = python_backward(gates, hs, cs, tcs, w_hh, g_y, g_hT, g_cT)
         needs = ctx.needs_input_grad
@@ -183,8 +183,8 @@ class LSTMLayer(torch.autograd.Function):
     ``x`` is time major and flat. The forward computes ``xp = x W_ih^T + b`` on oneDNN and runs the loop;
     the backward gets ``grad W_ih`` from the C++ backward together with ``grad W_hh`` (the pre-activation
     gradient is copied into oneDNN's tensor type once for both, not once per matrix as when autograd runs
-    the projection's backward), ``grad x`` as one oneDNN product and ``grad b`` as one sum. Used where
-    :func:`~seqplat.core.gemm.projection` would take oneDNN (float32 on an AVX-512 CPU).
+    the projection's backward) and ``grad b`` from the same oneDNN call, and ``grad x`` as one oneDNN product.
+    Used where :func:`~seqplat.core.gemm.projection` would take oneDNN (float32 on an AVX-512 CPU).
     """
 
     @staticmethod
@@ -203,12 +203,16 @@ class LSTMLayer(torch.autograd.Function):
     def backward(ctx: Any, g_y: Tensor, g_hT: Tensor, g_cT: Tensor) -> tuple[Tensor | None, ...]:
         gates, hs, cs, tcs, w_hh, x, w_ih = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        gxp, gw_hh, gh0, gc0, gw_ih = cpp_ops().backward(gates, hs, cs, tcs, w_hh, g_y.contiguous(),
-                                                         g_hT.contiguous(), g_cT.contiguous(),
-                                                         x if needs[1] else None)
+        weights = needs[1] or (ctx.has_bias and needs[2])
+        gxp, gw_hh, gh0, gc0, gw_ih, gb = cpp_ops().backward(gates, hs, cs, tcs, w_hh, g_y.contiguous(),
+                                                             g_hT.contiguous(), g_cT.contiguous(),
+                                                             x if weights else None)
         gxp = gxp.view(x.shape[0], -1)
         gx = onednn_linear(gxp, w_ih.t().contiguous()) if needs[0] else None
-        gb = gxp.sum(0) if ctx.has_bias and needs[2] else None
+        if not (ctx.has_bias and needs[2]):
+            gb = None
+        elif gb is None:
+            gb = gxp.sum(0)
         return (gx, gw_ih if needs[1] else None, gb, gw_hh if needs[3] else None, gh0 if needs[4] else None,
                 gc0 if needs[5] else None)
 

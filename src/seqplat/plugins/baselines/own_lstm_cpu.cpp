@@ -83,10 +83,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_forward(cons
   return {gates, hs, cs, tcs};
 }
 
-// x, when given, is the input of the hoisted projection ([T*B, D], time major): grad W_ih = sum_t d a_t^T x_t
-// is then returned as the fifth output (else an empty tensor), computed beside grad W_hh so that d a is
-// copied into oneDNN's tensor type once for both (seqplat::outer_pair).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_backward(
+// x, when given, is the input of the hoisted projection ([T*B, D], time major): grad W_ih = sum_t d a_t^T x_t and
+// the bias gradient sum_t d a_t are then returned as the fifth and sixth outputs (else empty tensors), computed
+// beside grad W_hh from d a written straight into oneDNN's tensor memory (seqplat::outer_factor, outer_pair).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_backward(
     const at::Tensor& gates, const at::Tensor& hs, const at::Tensor& cs, const at::Tensor& tcs,
     const at::Tensor& w_hh_in, const at::Tensor& g_y_in, const at::Tensor& g_hT, const at::Tensor& g_cT,
     const std::optional<at::Tensor>& x) {
@@ -116,10 +116,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> own_lstm_
   const at::Tensor h_prev = hs.narrow(0, 0, T).reshape({T * B, H});
   if (x.has_value()) {
     TORCH_CHECK(x->dim() == 2 && x->size(0) == T * B, "own lstm: x must be [T*B, D], got ", x->sizes());
-    auto [grad_w, grad_w_ih] = seqplat::outer_pair(da_rows, h_prev, x->to(gates.scalar_type()));
-    return {da_all, grad_w, dh, dc, grad_w_ih};
+    auto [grad_w, grad_w_ih, grad_b] = seqplat::outer_pair(da_rows, h_prev, x->to(gates.scalar_type()), true);
+    return {da_all, grad_w, dh, dc, grad_w_ih, grad_b};
   }
-  return {da_all, seqplat::outer(da_rows, h_prev), dh, dc, at::Tensor()};
+  return {da_all, seqplat::outer(da_rows, h_prev), dh, dc, at::Tensor(), at::Tensor()};
 }
 
 }  // namespace
@@ -128,7 +128,7 @@ TORCH_LIBRARY(seqplat_own_lstm, m) {
   m.def("forward(Tensor xp, Tensor w_hh, Tensor h0, Tensor c0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor gates, Tensor hs, Tensor cs, Tensor tcs, Tensor w_hh, Tensor grad_y, Tensor grad_hT, "
-      "Tensor grad_cT, Tensor? x=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor grad_cT, Tensor? x=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(seqplat_own_lstm, CPU, m) {

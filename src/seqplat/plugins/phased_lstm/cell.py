@@ -41,7 +41,13 @@ from seqplat import CellConfig, StepCell
 from seqplat.core.cell import State
 from seqplat.core.gemm import project_steps
 
-from .scan import phased_lstm_scan, resolve_backend, time_gate_cpp
+from .scan import (
+    phased_lstm_scan,
+    projected_phased_applies,
+    projected_phased_lstm_scan,
+    resolve_backend,
+    time_gate_cpp,
+)
 
 
 class PhasedLSTMConfig(CellConfig):
@@ -267,9 +273,13 @@ class PhasedLSTMCell(StepCell):
         times_tb = times.t()
         ks = self._fast_openness(times_tb, x).to(x.dtype)  # (T1)-(T2), time-major [t,b,h] as the scan reads it
         self._record(ks, times_tb)
-        xp = project_steps(x, self.weight_ih.t(), self.bias)  # [t, b, 4h]
-        y, c = phased_lstm_scan(xp, ks, h, c, self.weight_hh,
-                                self.peephole, self.config.gate_grad_clip, self.config.backend)
+        if projected_phased_applies(x, self.weight_ih, self.config.backend):  # the projection inside the C++ op
+            y, c = projected_phased_lstm_scan(x, self.weight_ih, self.bias, ks, h, c, self.weight_hh, self.peephole,
+                                              self.config.gate_grad_clip)
+        else:
+            xp = project_steps(x, self.weight_ih.t(), self.bias)  # [t, b, 4h]
+            y, c = phased_lstm_scan(xp, ks, h, c, self.weight_hh,
+                                    self.peephole, self.config.gate_grad_clip, self.config.backend)
         y = y.transpose(0, 1)
         h = y[:, -1]
         if counting:

@@ -186,18 +186,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> phased_fo
   return {acts, hs, cs, ct, tc};
 }
 
-// -> (dz [T,B,4H] unclipped, dz clipped (the same tensor without clip), dk [T,B,H], dh_0, dc_0)
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> phased_backward(
-    const at::Tensor& acts, const at::Tensor& hs, const at::Tensor& cs, const at::Tensor& ct, const at::Tensor& tc,
-    const at::Tensor& k_in, const at::Tensor& w_hh_in, const at::Tensor& peep_in, const at::Tensor& gy_in,
-    const at::Tensor& gc_in, double clip) {
+// -> (dz [T,B,4H] unclipped, dz clipped (the same tensor without clip), dk [T,B,H], dh_0, dc_0, dW_h [H, 4H], and
+// with x (the input of the hoisted projection xp = x W_x + b, [T*B, D] time major) dW_x [D, 4H] and db [4H], else
+// two empty tensors). (L1): dW_h = sum_j h_{j-1}^T dz_j and dW_x = sum_j x_j^T dz_j with the clipped dz, as it
+// reaches the weights: computed as (dz^T h)^T (0.8x the time of h^T dz through oneDNN at H=256) from the clipped dz
+// written straight into oneDNN's tensor memory (seqplat::outer_factor), one oneDNN copy for both, db from the
+// same call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+phased_backward(const at::Tensor& acts, const at::Tensor& hs, const at::Tensor& cs, const at::Tensor& ct,
+                const at::Tensor& tc, const at::Tensor& k_in, const at::Tensor& w_hh_in, const at::Tensor& peep_in,
+                const at::Tensor& gy_in, const at::Tensor& gc_in, double clip, const std::optional<at::Tensor>& x) {
   const int64_t T = acts.size(0), B = acts.size(1), H = acts.size(2) / 4;
   TORCH_CHECK(T >= 1, "phased lstm: the backward pass needs at least one step");
   const auto dtype = acts.scalar_type();
   const at::Tensor k = k_in.contiguous(), w_t = w_hh_in.t(), peep = peep_in.contiguous();
   const at::Tensor gy = gy_in.to(dtype).contiguous();
-  at::Tensor dz = at::empty_like(acts);
-  at::Tensor dzc = clip >= 0 ? at::empty_like(acts) : dz;
+  const seqplat::OuterFactor dz_rows = seqplat::outer_factor(T * B, 4 * H, acts.options());  // the clipped dz
+  at::Tensor dzc = dz_rows.dense.view({T, B, 4 * H});
+  at::Tensor dz = clip >= 0 ? at::empty_like(acts) : dzc;
   at::Tensor dk = at::empty_like(k);
   at::Tensor dh = at::zeros({B, H}, acts.options());
   at::Tensor mm_buf = at::zeros({B, H}, acts.options());
@@ -226,7 +232,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> phased_ba
     }
   });
   dh.add_(dh_mm);
-  return {dz, dzc, dk, dh, dc};
+  const at::Tensor h_prev = hs.narrow(0, 0, T).reshape({T * B, H});
+  if (x.has_value()) {
+    TORCH_CHECK(x->dim() == 2 && x->size(0) == T * B, "phased lstm: x must be [T*B, D], got ", x->sizes());
+    auto [dw_h, dw_x, db] = seqplat::outer_pair(dz_rows, h_prev, x->to(dtype), true);
+    return {dz, dzc, dk, dh, dc, dw_h.t(), dw_x.t(), db};
+  }
+  return {dz, dzc, dk, dh, dc, seqplat::outer(dz_rows, h_prev).t(), at::Tensor(), at::Tensor()};
 }
 
 // -- the time gate (T1)-(T2) for all steps, and its parameter gradients --------------------------------
@@ -357,7 +369,8 @@ TORCH_LIBRARY(seqplat_phased_lstm, m) {
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor acts, Tensor hs, Tensor cs, Tensor ct, Tensor tc, Tensor k, Tensor w_hh, Tensor peephole, "
-      "Tensor grad_y, Tensor grad_cT, float clip) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor grad_y, Tensor grad_cT, float clip, Tensor? x=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(seqplat_phased_lstm, CPU, m) {

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import CppKernel
-from seqplat.core.gemm import outer
+from seqplat.core.gemm import onednn_linear, projection_uses_onednn
 
 CPP_SOURCE = Path(__file__).with_name("phased_lstm_cpu.cpp")
 Backend = Literal["auto", "cpp", "python"]
@@ -63,19 +63,57 @@ class PhasedLSTMScanCpp(torch.autograd.Function):
         k, w_hh, peep, acts, hs, cs, ct, tc = ctx.saved_tensors
         n, b, hid = ct.shape
         clip = -1.0 if ctx.clip is None else float(ctx.clip)
-        dz, dzc, dk, dh0, dc0 = torch.ops.seqplat_phased_lstm.backward(acts, hs, cs, ct, tc, k, w_hh, peep, gy, gc,
-                                                                       clip)
-        # (L1): dW_h = sum_j h_{j-1}^T dz_j, one GEMM over all steps (clipped dz, as it reaches W_h)
-        d_w_hh = outer(hs[:-1].reshape(n * b, hid), dzc.view(n * b, 4 * hid))
-        d_peep = None
-        if ctx.has_peephole and ctx.needs_input_grad[5]:
-            c_prev = cs[:-1]
-            d_peep = torch.stack([
-                (dz[..., :hid] * c_prev).sum((0, 1)),
-                (dz[..., hid : 2 * hid] * c_prev).sum((0, 1)),
-                (dz[..., 3 * hid :] * ct).sum((0, 1)),
-            ])
+        # (L1): dW_h = sum_j h_{j-1}^T dz_j, one GEMM over all steps (clipped dz, as it reaches W_h), in the C++ op
+        dz, dzc, dk, dh0, dc0, d_w_hh, _, _ = torch.ops.seqplat_phased_lstm.backward(acts, hs, cs, ct, tc, k, w_hh,
+                                                                                     peep, gy, gc, clip)
+        d_peep = _peephole_grad(dz, cs, ct, hid) if ctx.has_peephole and ctx.needs_input_grad[5] else None
         return dzc, dk, dh0, dc0, d_w_hh, d_peep, None
+
+
+def _peephole_grad(dz: Tensor, cs: Tensor, ct: Tensor, hid: int) -> Tensor:
+    """(L2): the peepholes' gradients from the unclipped ``dz`` (i and f see ``c_{j-1}``, o sees ``c~_j``)."""
+    c_prev = cs[:-1]
+    return torch.stack([
+        (dz[..., :hid] * c_prev).sum((0, 1)),
+        (dz[..., hid : 2 * hid] * c_prev).sum((0, 1)),
+        (dz[..., 3 * hid :] * ct).sum((0, 1)),
+    ])
+
+
+class PhasedLayerCpp(torch.autograd.Function):
+    """:class:`PhasedLSTMScanCpp` with the input projection ``xp = x W_x + b`` inside: ``x [t*b, d]`` time major.
+
+    The C++ backward returns ``dW_x`` and ``db`` beside ``dW_h``, all from the clipped ``dz`` written where oneDNN
+    reads it in place, so autograd's projection backward (a oneDNN copy of ``dz``, the product, a bias sum) is
+    skipped; ``dx`` is one oneDNN product. Used where :func:`~seqplat.core.gemm.projection` takes oneDNN
+    (float32 on an AVX-512 CPU).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w_x: Tensor, bias: Tensor, k: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
+                peephole: Tensor | None, clip: float | None) -> tuple[Tensor, Tensor]:
+        n, b, hid = k.shape
+        xp = onednn_linear(x, w_x.t().contiguous(), bias.contiguous()).view(n, b, 4 * hid)
+        peep = peephole if peephole is not None else xp.new_zeros(3, hid)
+        acts, hs, cs, ct, tc = torch.ops.seqplat_phased_lstm.forward(xp, k, h0, c0, w_hh.contiguous(), peep)
+        ctx.save_for_backward(x, w_x, k, w_hh, peep, acts, hs, cs, ct, tc)
+        ctx.clip = clip
+        ctx.has_peephole = peephole is not None
+        return hs[1:], cs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gy: Tensor, gc: Tensor) -> tuple[Tensor | None, ...]:
+        x, w_x, k, w_hh, peep, acts, hs, cs, ct, tc = ctx.saved_tensors
+        hid = ct.shape[2]
+        needs = ctx.needs_input_grad
+        clip = -1.0 if ctx.clip is None else float(ctx.clip)
+        dz, dzc, dk, dh0, dc0, d_w_hh, d_w_x, d_b = torch.ops.seqplat_phased_lstm.backward(
+            acts, hs, cs, ct, tc, k, w_hh, peep, gy, gc, clip, x)
+        dx = onednn_linear(dzc.view(x.shape[0], -1), w_x) if needs[0] else None
+        d_peep = _peephole_grad(dz, cs, ct, hid) if ctx.has_peephole and needs[7] else None
+        return (dx, d_w_x if needs[1] else None, d_b if needs[2] else None, dk if needs[3] else None,
+                dh0 if needs[4] else None, dc0 if needs[5] else None, d_w_hh if needs[6] else None, d_peep, None)
 
 
 class PhasedLSTMScan(torch.autograd.Function):
@@ -218,6 +256,21 @@ def time_gate_cpp(t: Tensor, period: Tensor, shift: Tensor, r_on: Tensor, alpha:
     valid = ~torch.isnan(t)
     return TimeGateCpp.apply(torch.where(valid, t, 0.0).contiguous(), valid.double().contiguous(), period, shift,
                              r_on, alpha, dtype)
+
+
+def projected_phased_applies(x: Tensor, w_x: Tensor, backend: Backend) -> bool:
+    """Whether :func:`projected_phased_lstm_scan` runs: float32 on the oneDNN route and the C++ loop chosen."""
+    return projection_uses_onednn(x, w_x) and resolve_backend(backend, x) == "cpp"
+
+
+def projected_phased_lstm_scan(x: Tensor, w_x: Tensor, bias: Tensor, k: Tensor, h0: Tensor, c0: Tensor,
+                               w_hh: Tensor, peephole: Tensor | None, clip: float | None) -> tuple[Tensor, Tensor]:
+    """:class:`PhasedLayerCpp` on batch-first ``x [b,t,d]`` (``projected_phased_applies`` must hold); ``w_x [d, 4h]``
+    and ``bias`` are the projection, the rest as :func:`phased_lstm_scan`."""
+    b, n, d = x.shape
+    x_tm = x.transpose(0, 1).reshape(n * b, d)
+    return PhasedLayerCpp.apply(x_tm, w_x, bias, k.contiguous(), h0.contiguous(), c0.contiguous(), w_hh, peephole,
+                                clip)
 
 
 def phased_lstm_scan(xp: Tensor, k: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
