@@ -106,7 +106,8 @@ def test_cpp_loop_gradcheck():
     xp = torch.randn(6, 2, 12, dtype=torch.float64, generator=g, requires_grad=True)
     inputs = (xp, cell.inner.rnn.weight_hh_l0, h0, c0, memory, s.query_proj.weight, s.query_proj.bias,
               s.key_proj.weight, s.out.weight)
-    assert torch.autograd.gradcheck(lambda *a: fused.SABLoop.apply(sched, opts, *a), inputs)
+    # xp given as it is (no projection inside: W_ih and b None)
+    assert torch.autograd.gradcheck(lambda xp, *a: fused.SABLoop.apply(sched, opts, xp, None, None, *a), inputs)
 
 
 @pytest.mark.parametrize("options, reason", [

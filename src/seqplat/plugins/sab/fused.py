@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import CppKernel
-from seqplat.core.gemm import project_steps
+from seqplat.core.gemm import onednn_linear, project_steps, projection_uses_onednn
 
 if TYPE_CHECKING:
     from .cell import SABCell
@@ -99,38 +99,57 @@ def ops() -> Any:
 
 
 class SABLoop(torch.autograd.Function):
-    """``(xp, W_hh, h_0, c_0, memory, W_q, b_q, W_m, v) -> (y[b,t,out], h_T, c_T, memory_T)``.
+    """``(x, W_ih, b, W_hh, h_0, c_0, memory, W_q, b_q, W_m, v) -> (y[b,t,out], h_T, c_T, memory_T)``.
 
-    ``xp[t, b, 4h]`` is the inner LSTM's hoisted input projection; ``W_q, b_q`` the query, ``W_m`` the key
-    and ``v`` the output weights of the MLP scorer; ``sched`` is :func:`schedule`'s triple and ``opts`` the
-    cell's ``(k_top, official, raw_small, eps, summary_out, detach_threshold)``.
+    ``x`` is the inner LSTM's hoisted input projection ``xp[t, b, 4h]`` (``W_ih`` and ``b`` None), or, where
+    that projection takes oneDNN, its input ``x[t*b, d]`` (time major) with ``W_ih`` and the summed bias ``b``
+    (or None): the projection then runs here and the C++ backward returns ``W_ih``'s and ``b``'s gradients from
+    the same oneDNN tensor of the gate gradients as ``W_hh``'s, where autograd's projection backward would copy
+    them once more. ``W_q, b_q`` are the query, ``W_m`` the key and ``v`` the output weights of the MLP scorer;
+    ``sched`` is :func:`schedule`'s triple and ``opts`` the cell's
+    ``(k_top, official, raw_small, eps, summary_out, detach_threshold)``.
     """
 
     @staticmethod
-    def forward(ctx: Any, sched: tuple[Tensor, Tensor, Tensor], opts: tuple, xp: Tensor, w_hh: Tensor, h0: Tensor,
-                c0: Tensor, memory: Tensor, w_q: Tensor, b_q: Tensor, w_m: Tensor,
-                v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(ctx: Any, sched: tuple[Tensor, Tensor, Tensor], opts: tuple, x: Tensor, w_ih: Tensor | None,
+                bias: Tensor | None, w_hh: Tensor, h0: Tensor, c0: Tensor, memory: Tensor, w_q: Tensor, b_q: Tensor,
+                w_m: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         k_top, official, raw_small, eps, summary_out, _ = opts
+        projected = w_ih is not None
+        if projected:
+            b = h0.shape[0]
+            xp = onednn_linear(x, w_ih.contiguous(), None if bias is None else bias.contiguous())
+            xp = xp.view(x.shape[0] // b, b, -1)
+        else:
+            xp = x
         out = ops().forward(xp, w_hh, h0, c0, memory, w_q, b_q, w_m, v.reshape(-1), *sched, k_top, official,
                             raw_small, eps, summary_out)
         y, h_n, c_n, mem, *saved = out
-        ctx.save_for_backward(w_hh, w_q, w_m, v, *saved)
+        ctx.save_for_backward(x if projected else None, w_ih, w_hh, w_q, w_m, v, *saved)
         ctx.set_materialize_grads(False)  # unused outputs (the carried memory, mostly) get no zero tensors
-        ctx.sched, ctx.opts = sched, opts
+        ctx.sched, ctx.opts, ctx.projected, ctx.has_bias = sched, opts, projected, bias is not None
         return y, h_n, c_n, mem
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g_y: Tensor | None, g_h: Tensor | None, g_c: Tensor | None,
                  g_mem: Tensor | None) -> tuple[Tensor | None, ...]:
-        w_hh, w_q, w_m, v, *saved = ctx.saved_tensors
+        x, w_ih, w_hh, w_q, w_m, v, *saved = ctx.saved_tensors
         k_top, official, raw_small, _, summary_out, detach_threshold = ctx.opts
-        grads = ops().backward(saved, w_hh, w_q, w_m, v.reshape(-1), g_y, g_h, g_c, g_mem, ctx.needs_input_grad[6],
-                               *ctx.sched, k_top, official, raw_small, detach_threshold, summary_out)
-        g_xp, g_whh, g_h0, g_c0, g_mem0, g_wq, g_bq, g_wm, g_v = grads
-        needs = ctx.needs_input_grad[2:]
-        out = (g_xp, g_whh, g_h0, g_c0, g_mem0, g_wq, g_bq, g_wm, g_v.reshape(v.shape))
-        return (None, None, *(g if need else None for g, need in zip(out, needs, strict=True)))
+        needs = ctx.needs_input_grad
+        grads = ops().backward(saved, w_hh, w_q, w_m, v.reshape(-1), g_y, g_h, g_c, g_mem, needs[8],
+                               *ctx.sched, k_top, official, raw_small, detach_threshold, summary_out,
+                               x if ctx.projected else None)
+        g_xp, g_whh, g_h0, g_c0, g_mem0, g_wq, g_bq, g_wm, g_v, *g_proj = grads
+        if ctx.projected:
+            g_wih, g_b = g_proj
+            g_x = onednn_linear(g_xp.view(x.shape[0], -1), w_ih.t().contiguous()) if needs[2] else None
+            if not ctx.has_bias:
+                g_b = None
+        else:
+            g_x, g_wih, g_b = g_xp, None, None
+        out = (g_x, g_wih, g_b, g_whh, g_h0, g_c0, g_mem0, g_wq, g_bq, g_wm, g_v.reshape(v.shape))
+        return (None, None, *(g if need else None for g, need in zip(out, needs[2:], strict=True)))
 
 
 def sab_loop(cell: SABCell, x: Tensor, inner_state: tuple[Tensor, Tensor], memory: Tensor,
@@ -142,7 +161,11 @@ def sab_loop(cell: SABCell, x: Tensor, inner_state: tuple[Tensor, Tensor], memor
     w_ih, w_hh = rnn.weight_ih_l0, rnn.weight_hh_l0
     b_ih, b_hh = getattr(rnn, "bias_ih_l0", None), getattr(rnn, "bias_hh_l0", None)
     bias = None if b_ih is None or b_hh is None else b_ih + b_hh
-    xp = project_steps(x, w_ih, bias)
+    if projection_uses_onednn(x, w_ih):  # the projection inside SABLoop (see there)
+        b, steps, d = x.shape
+        xin, proj_w, proj_b = x.transpose(0, 1).reshape(steps * b, d), w_ih, bias
+    else:
+        xin, proj_w, proj_b = project_steps(x, w_ih, bias), None, None
     scorer = cell.scorer
     b_q = scorer.query_proj.bias
     if b_q is None:
@@ -151,6 +174,6 @@ def sab_loop(cell: SABCell, x: Tensor, inner_state: tuple[Tensor, Tensor], memor
     sched = schedule(cell, t0, x.shape[1], memory.shape[1])
     opts = (cfg.k_top, cfg.sparsifier == "official", cfg.small_memory == "raw", float(cfg.epsilon),
             cfg.output == "state_and_summary", bool(cfg.detach_threshold))
-    y, h_n, c_n, mem = SABLoop.apply(sched, opts, xp, w_hh, h0, c0, memory, scorer.query_proj.weight, b_q,
-                                     scorer.key_proj.weight, scorer.out.weight)
+    y, h_n, c_n, mem = SABLoop.apply(sched, opts, xin, proj_w, proj_b, w_hh, h0, c0, memory, scorer.query_proj.weight,
+                                     b_q, scorer.key_proj.weight, scorer.out.weight)
     return y, (h_n, c_n), mem

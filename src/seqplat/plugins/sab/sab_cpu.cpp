@@ -26,7 +26,7 @@
 // reads of that occupant (they come later in time) have been processed.
 //
 // Products per step go through seqplat_gemm.h; weight gradients are one product over all steps after
-// the loop (seqplat::outer).
+// the loop (seqplat::outer; with the projection's input given, W_ih's and the bias's from the same d a).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -277,7 +277,7 @@ std::vector<at::Tensor> sab_backward(const std::vector<at::Tensor>& saved, const
                                      const std::optional<at::Tensor>& g_mem, bool memory_grad,
                                      const at::Tensor& cut_in, const at::Tensor& nread_in,
                                      const at::Tensor& wpos_in, int64_t k_top, bool official, bool raw_small,
-                                     bool detach_threshold, bool summary_out) {
+                                     bool detach_threshold, bool summary_out, const std::optional<at::Tensor>& x) {
   TORCH_CHECK(saved.size() == 13, "sab: backward needs the 13 saved tensors of forward");
   Saved s{saved[0], saved[1], saved[2],  saved[3],  saved[4],  saved[5], saved[6],
           saved[7], saved[8], saved[9], saved[10], saved[11], saved[12]};
@@ -292,7 +292,9 @@ std::vector<at::Tensor> sab_backward(const std::vector<at::Tensor>& saved, const
   const at::Tensor g_y = g_y_in.has_value() && g_y_in->defined()
                              ? g_y_in->to(opts.dtype()).contiguous()
                              : at::zeros({B, T, summary_out ? 2 * H : H}, opts);
-  at::Tensor da_all = at::empty_like(s.gates);
+  // d a of every step, also as oneDNN's tensor type over the same memory for the weight gradients
+  const seqplat::OuterFactor da_rows = seqplat::outer_factor(T * B, 4 * H, opts);
+  at::Tensor da_all = da_rows.dense.view({T, B, 4 * H});
   at::Tensor dq_all = at::zeros({T, B, d}, opts);
   at::Tensor dvals = at::zeros({occupants, B, H}, opts);
   at::Tensor dkeys = at::zeros({occupants, B, d}, opts);
@@ -423,7 +425,16 @@ std::vector<at::Tensor> sab_backward(const std::vector<at::Tensor>& saved, const
     }
   });
   // weight gradients over all steps: (2) W_hh, (3) W_q, b_q, W_m, v
-  const at::Tensor g_whh = seqplat::outer(da_all.view({T * B, 4 * H}), s.hs.narrow(0, 0, T).reshape({T * B, H}));
+  // with x (the input of the inner LSTM's hoisted projection, [T*B, D] time major) also W_ih and the bias, from
+  // the same oneDNN tensor of d a
+  const at::Tensor h_prev = s.hs.narrow(0, 0, T).reshape({T * B, H});
+  at::Tensor g_whh, g_wih, g_b;
+  if (x.has_value()) {
+    TORCH_CHECK(x->dim() == 2 && x->size(0) == T * B, "sab: x must be [T*B, D], got ", x->sizes());
+    std::tie(g_whh, g_wih, g_b) = seqplat::outer_pair(da_rows, h_prev, x->to(opts.dtype()), true);
+  } else {
+    g_whh = seqplat::outer(da_rows, h_prev);
+  }
   const at::Tensor g_wq = seqplat::outer(dq_all.view({T * B, d}), s.hhat.view({T * B, H}));
   const at::Tensor g_bq = dq_all.sum({0, 1});
   const at::Tensor g_wm = seqplat::outer(keyed_rows(dkeys, s.read0, S), keyed_rows(s.vals, s.read0, S));
@@ -438,7 +449,12 @@ std::vector<at::Tensor> sab_backward(const std::vector<at::Tensor>& saved, const
     }
     g_mem0 = g_mem0.transpose(0, 1).contiguous();
   }
-  return {da_all, g_whh, dh_rec.clone(), dc, g_mem0, g_wq, g_bq, g_wm, g_v};
+  std::vector<at::Tensor> out{da_all, g_whh, dh_rec.clone(), dc, g_mem0, g_wq, g_bq, g_wm, g_v};
+  if (x.has_value()) {
+    out.push_back(g_wih);
+    out.push_back(g_b);
+  }
+  return out;
 }
 
 }  // namespace
@@ -451,7 +467,7 @@ TORCH_LIBRARY(seqplat_sab, m) {
   m.def(
       "backward(Tensor[] saved, Tensor w_hh, Tensor w_q, Tensor w_m, Tensor v, Tensor? grad_y, Tensor? grad_hT, "
       "Tensor? grad_cT, Tensor? grad_memory, bool memory_grad, Tensor cut, Tensor nread, Tensor wpos, int k_top, "
-      "bool official, bool raw_small, bool detach_threshold, bool summary_out) -> Tensor[]");
+      "bool official, bool raw_small, bool detach_threshold, bool summary_out, Tensor? x=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(seqplat_sab, CPU, m) {
