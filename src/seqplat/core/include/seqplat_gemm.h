@@ -41,6 +41,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <tuple>
+#include <type_traits>
 #include <utility>
 
 namespace seqplat {
@@ -182,18 +184,10 @@ void thin_inner_rows(const scalar_t* x, int64_t xs, const scalar_t* m, int64_t K
     const scalar_t* xr = x + r * xs;
     scalar_t* o = out + r * os;
     for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-      const int64_t w = std::min(kChunk, N - n0);
-      scalar_t acc[kChunk];
-      if (w == kChunk) {
+      // w: kChunk as a compile-time constant (the accumulators stay in registers) or the last chunk's width
+      const auto chunk = [&](auto w) {
+        scalar_t acc[kChunk];
         _Pragma("omp simd")
-        for (int64_t j = 0; j < kChunk; ++j) acc[j] = accumulate ? o[n0 + j] : scalar_t(0);
-        for (int64_t k = 0; k < K; ++k) {
-          const scalar_t a = xr[k];
-          const scalar_t* mk = m + k * N + n0;
-          _Pragma("omp simd")
-          for (int64_t j = 0; j < kChunk; ++j) acc[j] += a * mk[j];
-        }
-      } else {
         for (int64_t j = 0; j < w; ++j) acc[j] = accumulate ? o[n0 + j] : scalar_t(0);
         for (int64_t k = 0; k < K; ++k) {
           const scalar_t a = xr[k];
@@ -201,9 +195,14 @@ void thin_inner_rows(const scalar_t* x, int64_t xs, const scalar_t* m, int64_t K
           _Pragma("omp simd")
           for (int64_t j = 0; j < w; ++j) acc[j] += a * mk[j];
         }
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < w; ++j) o[n0 + j] = acc[j];
+      };
+      if (N - n0 >= kChunk) {
+        chunk(std::integral_constant<int64_t, kChunk>());
+      } else {
+        chunk(N - n0);
       }
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < w; ++j) o[n0 + j] = acc[j];
     }
   }
 }
@@ -331,8 +330,9 @@ constexpr int64_t kOnednnMinOuter = int64_t(1) << 14;
 
 namespace at::native {
 // exported by libtorch_cpu (ATen/native/mkldnn/MKLDNNCommon.h, a header torch does not install): the memory of a
-// oneDNN tensor
-TORCH_API void* data_ptr_from_mkldnn(const at::Tensor& mkldnn_tensor);
+// oneDNN tensor. Declared weak, so a torch without it (built without oneDNN, or another version) still loads the
+// kernels: the address is then null and outer_factor() hands out plain tensors.
+__attribute__((weak)) TORCH_API void* data_ptr_from_mkldnn(const at::Tensor& mkldnn_tensor);
 }  // namespace at::native
 
 namespace seqplat {
@@ -348,7 +348,8 @@ struct OuterFactor {
 
 inline OuterFactor outer_factor(int64_t rows, int64_t cols, const at::TensorOptions& options) {
   const bool onednn = options.dtype() == at::kFloat && options.device().is_cpu() && detail::forced_route() != 1 &&
-                      at::hasMKLDNN() && (detail::forced_route() == 2 || detail::cpu_has_avx512());
+                      at::hasMKLDNN() && &at::native::data_ptr_from_mkldnn != nullptr &&
+                      (detail::forced_route() == 2 || detail::cpu_has_avx512());
   if (!onednn || rows == 0 || cols == 0) return {at::empty({rows, cols}, options), at::Tensor()};
   at::Tensor twin = at::empty({rows, cols}, options.layout(at::kMkldnn));
   void* data = at::native::data_ptr_from_mkldnn(twin);

@@ -49,13 +49,7 @@ class PhasedLSTMScanCpp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, xp: Tensor, k: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
                 peephole: Tensor | None, clip: float | None) -> tuple[Tensor, Tensor]:
-        hid = h0.shape[1]
-        peep = peephole if peephole is not None else xp.new_zeros(3, hid)
-        acts, hs, cs, ct, tc = torch.ops.seqplat_phased_lstm.forward(xp, k, h0, c0, w_hh.contiguous(), peep)
-        ctx.save_for_backward(k, w_hh, peep, acts, hs, cs, ct, tc)
-        ctx.clip = clip
-        ctx.has_peephole = peephole is not None
-        return hs[1:], cs[-1].clone()
+        return _cpp_forward(ctx, xp, k, h0, c0, w_hh, peephole, clip)
 
     @staticmethod
     @once_differentiable
@@ -68,6 +62,18 @@ class PhasedLSTMScanCpp(torch.autograd.Function):
                                                                                      peep, gy, gc, clip)
         d_peep = _peephole_grad(dz, cs, ct, hid) if ctx.has_peephole and ctx.needs_input_grad[5] else None
         return dzc, dk, dh0, dc0, d_w_hh, d_peep, None
+
+
+def _cpp_forward(ctx: Any, xp: Tensor, k: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, peephole: Tensor | None,
+                 clip: float | None, *keep: Tensor) -> tuple[Tensor, Tensor]:
+    """The C++ forward of the C++ functions: ``(y, c_T)``; saves ``keep``, then what the C++ backward reads."""
+    hid = h0.shape[1]
+    peep = peephole if peephole is not None else xp.new_zeros(3, hid)
+    acts, hs, cs, ct, tc = torch.ops.seqplat_phased_lstm.forward(xp, k, h0, c0, w_hh.contiguous(), peep)
+    ctx.save_for_backward(*keep, k, w_hh, peep, acts, hs, cs, ct, tc)
+    ctx.clip = clip
+    ctx.has_peephole = peephole is not None
+    return hs[1:], cs[-1].clone()
 
 
 def _peephole_grad(dz: Tensor, cs: Tensor, ct: Tensor, hid: int) -> Tensor:
@@ -94,12 +100,7 @@ class PhasedLayerCpp(torch.autograd.Function):
                 peephole: Tensor | None, clip: float | None) -> tuple[Tensor, Tensor]:
         n, b, hid = k.shape
         xp = onednn_linear(x, w_x.t().contiguous(), bias.contiguous()).view(n, b, 4 * hid)
-        peep = peephole if peephole is not None else xp.new_zeros(3, hid)
-        acts, hs, cs, ct, tc = torch.ops.seqplat_phased_lstm.forward(xp, k, h0, c0, w_hh.contiguous(), peep)
-        ctx.save_for_backward(x, w_x, k, w_hh, peep, acts, hs, cs, ct, tc)
-        ctx.clip = clip
-        ctx.has_peephole = peephole is not None
-        return hs[1:], cs[-1].clone()
+        return _cpp_forward(ctx, xp, k, h0, c0, w_hh, peephole, clip, x, w_x)
 
     @staticmethod
     @once_differentiable
