@@ -298,27 +298,33 @@ class RHNRecurrence(torch.autograd.Function):
     @staticmethod
     def _cpp_backward(ctx: Any, dys: Tensor | None, ds_out: Tensor | None, weight_hh: Tensor,
                       scales: Tensor | None) -> tuple[Tensor | None, ...]:
-        """The reverse loop in ``rhn_cpu.cpp``; the weight gradients as in the python backward."""
+        """The reverse loop in ``rhn_cpu.cpp``. Without scales (rhn) the op computes the weight gradients too;
+        with them (hyper_rhn) they are computed here as in the python backward."""
         workspace: Workspace | None = ctx.workspace
         s_in_buf, a_buf, e_buf = ctx.buffers[:3]
         mask_h, mask_g = ctx.masks
         depth, steps, b, n = e_buf.shape
-        shapes = ((depth, steps, b, 2 * n),) * (1 if scales is None else 2)
-        scratch = workspace.take(shapes, e_buf) if workspace is not None else tuple(map(e_buf.new_empty, shapes))
-        du, drs = scratch[0], (scratch[1] if scales is not None else None)
         if dys is None:
             dys = e_buf.new_zeros((depth, steps, b, n) if ctx.all_layers else (steps, b, n))
+        if scales is None:
+            # the loop and the weight gradients in one op: du goes where oneDNN reads it without a copy
+            ds_T = e_buf.new_zeros(b, n) if ds_out is None else ds_out
+            ds, dxp, d_weight, d_bias = torch.ops.seqplat_rhn.backward_grads(
+                weight_hh.contiguous(), _contiguous(mask_h), _contiguous(mask_g), a_buf, e_buf, dys, ds_T, s_in_buf)
+            if workspace is not None:
+                ctx.ticket = workspace.give(ctx.buffers)
+            return dxp, ds, d_weight, d_bias, None, None, None, None, None, None
+        shapes = ((depth, steps, b, 2 * n),) * 2
+        scratch = workspace.take(shapes, e_buf) if workspace is not None else tuple(map(e_buf.new_empty, shapes))
+        du, drs = scratch
         ds_T = e_buf.new_zeros(b, n) if ds_out is None else ds_out
         ds = torch.ops.seqplat_rhn.backward(weight_hh.contiguous(), _contiguous(mask_h), _contiguous(mask_g),
                                             _contiguous(scales), a_buf, e_buf, dys, ds_T, du, drs)
         # weight gradients: one GEMM per micro-layer over all steps (rs = s_in R^T  =>  dR = drs^T s_in)
-        flat_du = du.view(depth, steps * b, 2 * n)
-        flat_drs = flat_du if drs is None else drs.view(depth, steps * b, 2 * n)
-        d_weight = outer_batched(flat_drs, s_in_buf.view(depth, steps * b, n))
-        d_bias = flat_du.sum(1)
-        d_scales = None
-        if scales is not None:  # H3: dL/dz = sum over the H and T halves of du * rs
-            d_scales = _sum_halves_of_product(du, ctx.buffers[3], scales.new_empty(scales.shape))
+        d_weight = outer_batched(drs.view(depth, steps * b, 2 * n), s_in_buf.view(depth, steps * b, n))
+        d_bias = du.view(depth, steps * b, 2 * n).sum(1)
+        # H3: dL/dz = sum over the H and T halves of du * rs
+        d_scales = _sum_halves_of_product(du, ctx.buffers[3], scales.new_empty(scales.shape))
         dxp = du[0].clone()  # u^1_t = xp_t + b^1 + ...: dL/dxp = du^1 (du goes back to the workspace)
         if workspace is not None:
             workspace.give(scratch)

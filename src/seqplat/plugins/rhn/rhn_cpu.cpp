@@ -209,16 +209,14 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
   return ys[T - 1].clone();
 }
 
-// fills du [L, T, B, 2n] (and drs = du * [z; z] with scales) and returns dL/ds0; d_out [L, T, B, n] (gradients at every micro-layer's output) or
-// dys [T, B, n] (at the last micro-layer's only)
-at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& mask_h,
-                        const std::optional<at::Tensor>& mask_g, const std::optional<at::Tensor>& scales,
-                        const at::Tensor& a, const at::Tensor& e, const at::Tensor& d_out_in, const at::Tensor& ds_in,
-                        at::Tensor du, const std::optional<at::Tensor>& drs) {
+// The reverse loop: fills du_l[l] [T, B, 2n] for every micro-layer l (and drs_l[l] = du * [z; z] with scales)
+// and returns dL/ds0; d_out [L, T, B, n] (gradients at every micro-layer's output) or dys [T, B, n] (at the last
+// micro-layer's only)
+at::Tensor backward_loop(const at::Tensor& w, const std::optional<at::Tensor>& mask_h,
+                         const std::optional<at::Tensor>& mask_g, const std::optional<at::Tensor>& scales,
+                         const at::Tensor& a, const at::Tensor& e, const at::Tensor& d_out_in, const at::Tensor& ds_in,
+                         const std::vector<at::Tensor>& du_l, const std::vector<at::Tensor>& drs_l) {
   const int64_t L = a.size(0), T = a.size(1), B = a.size(2), n = a.size(3) / 2;
-  TORCH_CHECK(du.sizes() == a.sizes() && du.is_contiguous(), "rhn: du must be a contiguous [L, T, B, 2n] buffer");
-  TORCH_CHECK(scales.has_value() == drs.has_value() && (!drs || (drs->sizes() == a.sizes() && drs->is_contiguous())),
-              "rhn: scales need a contiguous drs buffer shaped like du");
   const at::Tensor d_out = d_out_in.to(a.scalar_type()).contiguous();
   const bool all_layers = d_out.dim() == 4;
   TORCH_CHECK(all_layers ? d_out.size(0) == L && d_out.size(1) == T : d_out.dim() == 3 && d_out.size(0) == T,
@@ -228,14 +226,13 @@ at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& ma
   at::Tensor ones = at::ones({B, n}, a.options());  // the gate mask that is absent (a branch-free loop)
   std::vector<seqplat::StepMatrix> wb;
   for (int64_t l = 0; l < L; ++l) wb.push_back(seqplat::prepare(w[l], T));
+  const std::vector<at::Tensor>& reach = scales ? drs_l : du_l;  // what reaches s_in R^T
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "rhn_backward", [&] {
     const scalar_t* mh = mask_h ? mask_h->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* mg = mask_g ? mask_g->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* a_p = a.const_data_ptr<scalar_t>();
     const scalar_t* e_p = e.const_data_ptr<scalar_t>();
     const scalar_t* do_p = d_out.const_data_ptr<scalar_t>();
-    scalar_t* du_p = du.mutable_data_ptr<scalar_t>();
-    scalar_t* drs_p = drs ? drs->mutable_data_ptr<scalar_t>() : du_p;
     const scalar_t* z_p = scales ? scales->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* ds_p = ds.mutable_data_ptr<scalar_t>();
     const int64_t s1 = B * n, s2 = 2 * B * n;
@@ -247,10 +244,11 @@ at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& ma
           for (int64_t i = 0; i < s1; ++i) ds_p[i] += dop[i];
         }
         const scalar_t* one_p = ones.const_data_ptr<scalar_t>();
+        scalar_t* du_p = du_l[l].mutable_data_ptr<scalar_t>() + j * s2;
         backward_cell<scalar_t>(a_p + buf * s2, e_p + buf * s1, mg != nullptr ? mg + (j * L + l) * s1 : one_p,
-                                z_p != nullptr ? z_p + buf * s1 : one_p, ds_p, du_p + buf * s2, drs_p + buf * s2, B,
-                                n);
-        at::Tensor du_lj = drs ? (*drs)[l][j] : du[l][j];  // what reaches s_in R^T
+                                z_p != nullptr ? z_p + buf * s1 : one_p, ds_p, du_p,
+                                scales ? drs_l[l].mutable_data_ptr<scalar_t>() + j * s2 : du_p, B, n);
+        const at::Tensor du_lj = reach[l][j];
         if (mh == nullptr) {
           seqplat::addmm_into(ds, du_lj, wb[l]);  // s_in = s: dL/ds += du R_l
         } else {
@@ -264,6 +262,47 @@ at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& ma
   return ds;
 }
 
+// fills the caller's du [L, T, B, 2n] (and drs = du * [z; z] with scales) and returns dL/ds0 (backward_loop)
+at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& mask_h,
+                        const std::optional<at::Tensor>& mask_g, const std::optional<at::Tensor>& scales,
+                        const at::Tensor& a, const at::Tensor& e, const at::Tensor& d_out_in, const at::Tensor& ds_in,
+                        at::Tensor du, const std::optional<at::Tensor>& drs) {
+  TORCH_CHECK(du.sizes() == a.sizes() && du.is_contiguous(), "rhn: du must be a contiguous [L, T, B, 2n] buffer");
+  TORCH_CHECK(scales.has_value() == drs.has_value() && (!drs || (drs->sizes() == a.sizes() && drs->is_contiguous())),
+              "rhn: scales need a contiguous drs buffer shaped like du");
+  return backward_loop(w, mask_h, mask_g, scales, a, e, d_out_in, ds_in, du.unbind(0),
+                       drs ? drs->unbind(0) : std::vector<at::Tensor>());
+}
+
+// Without scales: the reverse loop, then the weight gradients. Each micro-layer's du is written into a oneDNN
+// tensor's memory (seqplat::outer_factor), so dR_l = du_l^T s_in_l and db_l = sum du_l come from one oneDNN
+// backward-weights call with no copy of du_l (seqplat::outer_with_sum). Returns (dL/ds0, du of micro-layer 1
+// [T, B, 2n] (dL/dxp), dR [L, 2n, n], db [L, 2n]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rhn_backward_grads(
+    const at::Tensor& w, const std::optional<at::Tensor>& mask_h, const std::optional<at::Tensor>& mask_g,
+    const at::Tensor& a, const at::Tensor& e, const at::Tensor& d_out_in, const at::Tensor& ds_in,
+    const at::Tensor& s_in) {
+  const int64_t L = a.size(0), T = a.size(1), B = a.size(2), n = a.size(3) / 2;
+  TORCH_CHECK(s_in.dim() == 4 && s_in.size(0) == L && s_in.size(1) == T && s_in.size(3) == n,
+              "rhn: s_in must be [L, T, B, n], got ", s_in.sizes());
+  std::vector<seqplat::OuterFactor> factors;
+  std::vector<at::Tensor> du_l;
+  for (int64_t l = 0; l < L; ++l) {
+    factors.push_back(seqplat::outer_factor(T * B, 2 * n, a.options()));
+    du_l.push_back(factors.back().dense.view({T, B, 2 * n}));
+  }
+  at::Tensor ds = backward_loop(w, mask_h, mask_g, std::nullopt, a, e, d_out_in, ds_in, du_l, {});
+  at::Tensor d_w = at::empty({L, 2 * n, n}, a.options());
+  at::Tensor d_b = at::empty({L, 2 * n}, a.options());
+  const at::Tensor s_rows = s_in.contiguous();
+  for (int64_t l = 0; l < L; ++l) {  // rs = s_in R^T  =>  dR = du^T s_in; b^l enters every step's u^l
+    auto [gw, gb] = seqplat::outer_with_sum(factors[l], s_rows[l].view({T * B, n}));
+    d_w[l].copy_(gw);
+    d_b[l].copy_(gb);
+  }
+  return {ds, du_l[0], d_w, d_b};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(seqplat_rhn, m) {
@@ -273,9 +312,13 @@ TORCH_LIBRARY(seqplat_rhn, m) {
   m.def(
       "backward(Tensor weight_hh, Tensor? mask_h, Tensor? mask_g, Tensor? scales, Tensor a, Tensor e, "
       "Tensor grad_out, Tensor grad_sT, Tensor(a!) du, Tensor(b!)? drs) -> Tensor");
+  m.def(
+      "backward_grads(Tensor weight_hh, Tensor? mask_h, Tensor? mask_g, Tensor a, Tensor e, Tensor grad_out, "
+      "Tensor grad_sT, Tensor s_in) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(seqplat_rhn, CPU, m) {
   m.impl("forward", &rhn_forward);
   m.impl("backward", &rhn_backward);
+  m.impl("backward_grads", &rhn_backward_grads);
 }
