@@ -15,8 +15,9 @@
 // Each (step, micro-layer) is one GEMM into the [B, 2n] slice of the `a` buffer and one fused
 // elementwise pass that adds xp/b, writes a = [h | t], e and s^l (and s^l * m_h, the next s_in). The
 // backward walks the steps and micro-layers in reverse: one fused pass gives du = [du_H | du_T] and
-// ds through R4 itself, then one GEMM adds du R_l (times m_h). The caller computes the weight
-// gradients as one GEMM per micro-layer over all steps (du^T s_in) and the bias gradients as sums.
+// ds through R4 itself, then one GEMM adds du R_l (times m_h). The weight gradients are one GEMM per
+// micro-layer over all steps (du^T s_in), the bias gradients sums: computed here by backward_grads (rhn),
+// by the caller after backward (hyper_rhn, whose scales multiply du first).
 //
 // Buffers (caller-owned, so a Workspace can reuse them): s_in [L, K, B, n], a [L, K, B, 2n],
 // e [L, K, B, n] (and with scales rs [L, K, B, 2n] = s_in R_l^T) with K = T (training) or 1
