@@ -116,7 +116,12 @@ def projection(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
 
 
+def time_major_rows(x: Tensor) -> Tensor:
+    """A batch-first ``x [b, t, k]`` as the rows of all steps, time major: ``[t*b, k]`` (a copy)."""
+    batch, steps, k = x.shape
+    return x.transpose(0, 1).reshape(steps * batch, k)
+
+
 def project_steps(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """:func:`projection` of every step of a batch-first ``x [b, t, k]``, time major: ``[t, b, n]``."""
-    batch, steps, k = x.shape
-    return projection(x.transpose(0, 1).reshape(steps * batch, k), w, b).view(steps, batch, -1)
+    return projection(time_major_rows(x), w, b).view(x.shape[1], x.shape[0], -1)

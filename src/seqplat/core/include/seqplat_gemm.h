@@ -363,33 +363,36 @@ inline bool outer_via_onednn(const at::Tensor& a, const at::Tensor& b) {
          (forced_route() == 2 || (cpu_has_avx512() && a.size(1) * b.size(1) >= kOnednnMinOuter));
 }
 
-// a^T @ b with a already in oneDNN's tensor type
-inline at::Tensor outer_onednn(const at::Tensor& a_mkldnn, const at::Tensor& b) {
+// (a^T @ b, with `sum` the column sums of a, else undefined) through oneDNN's backward-weights primitive, a already
+// in oneDNN's tensor type
+inline std::pair<at::Tensor, at::Tensor> backward_weights(const at::Tensor& a_mkldnn, const at::Tensor& b, bool sum) {
   const at::Tensor shape = at::empty({a_mkldnn.size(1), b.size(1)}, b.options()).to_mkldnn();
-  const auto grads = at::mkldnn_linear_backward_weights(a_mkldnn, b.contiguous().to_mkldnn(), shape, false);
-  return std::get<0>(grads).to_dense();
+  auto grads = at::mkldnn_linear_backward_weights(a_mkldnn, b.contiguous().to_mkldnn(), shape, sum);
+  return {std::get<0>(grads).to_dense(), sum ? std::get<1>(grads).to_dense() : at::Tensor()};
+}
+
+// a's oneDNN twin, or a copy of a.dense into oneDNN's tensor type where it has none
+inline at::Tensor onednn_of(const OuterFactor& a) {
+  return a.onednn.defined() ? a.onednn : a.dense.contiguous().to_mkldnn();
 }
 }  // namespace detail
 
 inline at::Tensor outer(const at::Tensor& a, const at::Tensor& b) {
   if (!detail::outer_via_onednn(a, b)) return at::mm(a.t(), b);
-  return detail::outer_onednn(a.contiguous().to_mkldnn(), b);
+  return detail::backward_weights(a.contiguous().to_mkldnn(), b, false).first;
 }
 
 // outer(a.dense, b) reading a's oneDNN twin where there is one
 inline at::Tensor outer(const OuterFactor& a, const at::Tensor& b) {
   if (!detail::outer_via_onednn(a.dense, b)) return at::mm(a.dense.t(), b);
-  return detail::outer_onednn(a.onednn.defined() ? a.onednn : a.dense.contiguous().to_mkldnn(), b);
+  return detail::backward_weights(detail::onednn_of(a), b, false).first;
 }
 
 // (a^T @ b, the column sums of a): the weight and bias gradients of a linear layer b -> a; on the oneDNN route one
 // backward-weights call computes both
 inline std::pair<at::Tensor, at::Tensor> outer_with_sum(const OuterFactor& a, const at::Tensor& b) {
   if (!detail::outer_via_onednn(a.dense, b)) return {at::mm(a.dense.t(), b), a.dense.sum(0)};
-  const at::Tensor am = a.onednn.defined() ? a.onednn : a.dense.contiguous().to_mkldnn();
-  const at::Tensor shape = at::empty({a.dense.size(1), b.size(1)}, b.options()).to_mkldnn();
-  auto grads = at::mkldnn_linear_backward_weights(am, b.contiguous().to_mkldnn(), shape, true);
-  return {std::get<0>(grads).to_dense(), std::get<1>(grads).to_dense()};
+  return detail::backward_weights(detail::onednn_of(a), b, true);
 }
 
 // (a^T @ b1, a^T @ b2, and with `sum` the column sums of a, else undefined): the weight gradients of two matrices
@@ -399,12 +402,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> outer_pair(const OuterFact
                                                                  const at::Tensor& b2, bool sum = false) {
   const bool o1 = detail::outer_via_onednn(a.dense, b1), o2 = detail::outer_via_onednn(a.dense, b2);
   at::Tensor am;
-  if (o1 || o2) am = a.onednn.defined() ? a.onednn : a.dense.contiguous().to_mkldnn();
-  at::Tensor g1 = o1 ? detail::outer_onednn(am, b1) : at::mm(a.dense.t(), b1);
+  if (o1 || o2) am = detail::onednn_of(a);
+  at::Tensor g1 = o1 ? detail::backward_weights(am, b1, false).first : at::mm(a.dense.t(), b1);
   if (!o2) return {g1, at::mm(a.dense.t(), b2), sum ? a.dense.sum(0) : at::Tensor()};
-  const at::Tensor shape = at::empty({a.dense.size(1), b2.size(1)}, b2.options()).to_mkldnn();
-  auto grads = at::mkldnn_linear_backward_weights(am, b2.contiguous().to_mkldnn(), shape, sum);
-  return {g1, std::get<0>(grads).to_dense(), sum ? std::get<1>(grads).to_dense() : at::Tensor()};
+  auto [g2, gsum] = detail::backward_weights(am, b2, sum);
+  return {g1, g2, gsum};
 }
 
 }  // namespace seqplat

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from seqplat.core.cpp_ext import CppKernel
-from seqplat.core.gemm import onednn_linear, project_steps, projection_uses_onednn
+from seqplat.core.gemm import onednn_linear, project_steps, projection_uses_onednn, time_major_rows
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +209,9 @@ class LSTMLayer(torch.autograd.Function):
                                                              x if weights else None)
         gxp = gxp.view(x.shape[0], -1)
         gx = onednn_linear(gxp, w_ih.t().contiguous()) if needs[0] else None
-        if not (ctx.has_bias and needs[2]):
-            gb = None
-        elif gb is None:
-            gb = gxp.sum(0)
-        return (gx, gw_ih if needs[1] else None, gb, gw_hh if needs[3] else None, gh0 if needs[4] else None,
-                gc0 if needs[5] else None)
+        # gb comes with gw_ih from the C++ op whenever the bias needs a gradient (x is passed then)
+        return (gx, gw_ih if needs[1] else None, gb if ctx.has_bias and needs[2] else None,
+                gw_hh if needs[3] else None, gh0 if needs[4] else None, gc0 if needs[5] else None)
 
 
 resolve_backend = KERNEL.resolve  # "cpp" or "python" for a cell's backend option and an input
@@ -232,10 +229,8 @@ def own_lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih
         raise ValueError(f"own lstm: x must have at least one time step, got shape {tuple(x.shape)}")
     chosen = resolve_backend(backend, x)
     if chosen == "cpp" and projection_uses_onednn(x, w_ih):
-        batch, steps, d = x.shape
         bias = None if b_ih is None or b_hh is None else b_ih + b_hh
-        x_tm = x.transpose(0, 1).reshape(steps * batch, d)
-        y, h_n, c_n = LSTMLayer.apply(x_tm, w_ih, bias, w_hh, h0, c0)
+        y, h_n, c_n = LSTMLayer.apply(time_major_rows(x), w_ih, bias, w_hh, h0, c0)
         return y.transpose(0, 1), (h_n, c_n)
     xp = input_projection(x, w_ih, b_ih, b_hh)
     y, h_n, c_n = LSTMRecurrence.apply(xp, w_hh, h0, c0, chosen)

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import CppKernel
-from seqplat.core.gemm import onednn_linear, projection_uses_onednn
+from seqplat.core.gemm import onednn_linear, projection_uses_onednn, time_major_rows
 
 CPP_SOURCE = Path(__file__).with_name("phased_lstm_cpu.cpp")
 Backend = Literal["auto", "cpp", "python"]
@@ -55,7 +55,7 @@ class PhasedLSTMScanCpp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, gy: Tensor, gc: Tensor) -> tuple[Tensor | None, ...]:
         k, w_hh, peep, acts, hs, cs, ct, tc = ctx.saved_tensors
-        n, b, hid = ct.shape
+        hid = ct.shape[2]
         clip = -1.0 if ctx.clip is None else float(ctx.clip)
         # (L1): dW_h = sum_j h_{j-1}^T dz_j, one GEMM over all steps (clipped dz, as it reaches W_h), in the C++ op
         dz, dzc, dk, dh0, dc0, d_w_hh, _, _ = torch.ops.seqplat_phased_lstm.backward(acts, hs, cs, ct, tc, k, w_hh,
@@ -268,10 +268,8 @@ def projected_phased_lstm_scan(x: Tensor, w_x: Tensor, bias: Tensor, k: Tensor, 
                                w_hh: Tensor, peephole: Tensor | None, clip: float | None) -> tuple[Tensor, Tensor]:
     """:class:`PhasedLayerCpp` on batch-first ``x [b,t,d]`` (``projected_phased_applies`` must hold); ``w_x [d, 4h]``
     and ``bias`` are the projection, the rest as :func:`phased_lstm_scan`."""
-    b, n, d = x.shape
-    x_tm = x.transpose(0, 1).reshape(n * b, d)
-    return PhasedLayerCpp.apply(x_tm, w_x, bias, k.contiguous(), h0.contiguous(), c0.contiguous(), w_hh, peephole,
-                                clip)
+    return PhasedLayerCpp.apply(time_major_rows(x), w_x, bias, k.contiguous(), h0.contiguous(), c0.contiguous(),
+                                w_hh, peephole, clip)
 
 
 def phased_lstm_scan(xp: Tensor, k: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import CppKernel
-from seqplat.core.gemm import onednn_linear, project_steps, projection_uses_onednn
+from seqplat.core.gemm import onednn_linear, project_steps, projection_uses_onednn, time_major_rows
 
 if TYPE_CHECKING:
     from .cell import SABCell
@@ -162,8 +162,7 @@ def sab_loop(cell: SABCell, x: Tensor, inner_state: tuple[Tensor, Tensor], memor
     b_ih, b_hh = getattr(rnn, "bias_ih_l0", None), getattr(rnn, "bias_hh_l0", None)
     bias = None if b_ih is None or b_hh is None else b_ih + b_hh
     if projection_uses_onednn(x, w_ih):  # the projection inside SABLoop (see there)
-        b, steps, d = x.shape
-        xin, proj_w, proj_b = x.transpose(0, 1).reshape(steps * b, d), w_ih, bias
+        xin, proj_w, proj_b = time_major_rows(x), w_ih, bias
     else:
         xin, proj_w, proj_b = project_steps(x, w_ih, bias), None, None
     scorer = cell.scorer

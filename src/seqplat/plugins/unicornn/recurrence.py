@@ -214,10 +214,8 @@ def projected_scan(u: Tensor, v: Tensor, b: Tensor, w: Tensor, delta: Tensor, y0
                    alpha: float, batch: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:class:`ProjectedScan`: ``u`` is the layer input ``[b*t, d]`` (batch first), ``v``, ``b`` the projection
     (U1); the rest as :func:`fused_scan` (``projected_scan_applies`` must hold)."""
-    if mask is not None:
-        mask = mask.detach().reshape(batch, -1).to(u.dtype).contiguous()
-    return ProjectedScan.apply(u.contiguous(), v, b, w, delta, y0.contiguous(), z0.contiguous(), float(alpha), mask,
-                               batch)
+    return ProjectedScan.apply(u.contiguous(), v, b, w, delta, y0.contiguous(), z0.contiguous(), float(alpha),
+                               _mask_rows(mask, batch, u.dtype), batch)
 
 
 def fused_scan(x: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor, alpha: float,
@@ -228,15 +226,16 @@ def fused_scan(x: Tensor, w: Tensor, delta: Tensor, y0: Tensor, z0: Tensor, alph
     float16/bfloat16 inputs run the recurrence in float32 (the reconstruction is unusable in half
     precision, spec section 4) and the outputs are cast back.
     """
-    if mask is not None:
-        mask = mask.detach().reshape(x.shape[0], x.shape[2])
     low = x.dtype in (torch.float16, torch.bfloat16)
     if low:
         dtype = x.dtype
-        out, yT, zT = fused_scan(x.float(), w.float(), delta.float(), y0.float(), z0.float(), alpha, backend,
-                                 None if mask is None else mask.float())
+        out, yT, zT = fused_scan(x.float(), w.float(), delta.float(), y0.float(), z0.float(), alpha, backend, mask)
         return out.to(dtype), yT.to(dtype), zT.to(dtype)
     chosen = resolve_backend(backend, x)
-    if mask is not None:
-        mask = mask.to(x.dtype).contiguous()
-    return ReverseRecomputeScan.apply(x, w, delta, y0, z0, float(alpha), chosen, mask)
+    return ReverseRecomputeScan.apply(x, w, delta, y0, z0, float(alpha), chosen, _mask_rows(mask, x.shape[0], x.dtype))
+
+
+def _mask_rows(mask: Tensor | None, batch: int, dtype: torch.dtype) -> Tensor | None:
+    """A dropout mask shared by all steps (``[b, h]`` or ``[b, 1, h]``) as the kernels take it: ``[b, h]``,
+    contiguous, in ``dtype``, without a gradient."""
+    return None if mask is None else mask.detach().reshape(batch, -1).to(dtype).contiguous()
