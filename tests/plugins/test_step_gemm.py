@@ -59,7 +59,7 @@ def test_both_routes_of_the_step_product_give_the_reference_outputs_and_gradient
     times = torch.cumsum(torch.rand(2, steps) + 0.5, 1) if case == "phased_lstm" else None
     ref = _outputs_and_grads(cell, x, times, fast=False)
     got = {}
-    for route in ("mm", "onednn", "auto"):
+    for route in ("mm", "onednn", "packed", "auto"):
         monkeypatch.setenv("SEQPLAT_STEP_GEMM", route)  # read by the kernel once per call
         got[route] = _outputs_and_grads(cell, x, times, fast=True)
     # relative to the tensor's norm: float32 rounding, amplified over 17 steps by fs_rnn's layer norms
