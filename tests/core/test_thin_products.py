@@ -166,3 +166,35 @@ def test_forcing_the_packed_route_covers_thin_matrices(packed, monkeypatch):
     outd = torch.empty(9, 70, dtype=torch.float64)
     assert packed(outd, xd, md, False) == LIBRARY  # float64 stays on the library route
     torch.testing.assert_close(outd, xd @ md)
+
+
+# (rows, m, n): rows across the 128-row chunks (1, 127, 300); m around the 6-row blocks; n around the 64-column
+# panels, below one panel with m above it (the transposed product) and below it with m smaller
+OUTER_SHAPES = [(1, 6, 64), (127, 7, 65), (300, 256, 778), (300, 768, 10), (130, 5, 40), (257, 33, 200), (64, 1, 1)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("rows", "m", "n"), OUTER_SHAPES)
+def test_packed_outer_products_match_mm(packed, rows, m, n, threads):
+    torch.manual_seed(4)
+    a, b = torch.randn(rows, m), torch.randn(rows, n)
+    want = (a.double().t() @ b.double()).float()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, _ = torch.ops.seqplat_test_gemm.step_outer(a, b, False)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * rows**0.5 * 4)
+        got, sums = torch.ops.seqplat_test_gemm.step_outer(a, b, True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * rows**0.5 * 4)
+        torch.testing.assert_close(sums, a.sum(0), rtol=1e-5, atol=1e-5 * rows**0.5 * 4)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_packed_outer_products_read_column_blocks(packed):
+    """Both factors column blocks of wider buffers (GAM-RHN's gate gradients feeding W_s0's gradient)."""
+    torch.manual_seed(5)
+    abuf, bbuf = torch.randn(300, 270), torch.randn(300, 800)
+    a, b = abuf[:, 7:263], bbuf[:, 3:781]
+    want = (a.double().t() @ b.double()).float()
+    torch.testing.assert_close(torch.ops.seqplat_test_gemm.step_outer(a, b, False)[0], want, rtol=1e-5, atol=1e-3)

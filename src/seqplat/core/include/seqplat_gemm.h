@@ -23,10 +23,12 @@
 //
 // Packed panels: where the kernels are built with AVX-512 (-march=native on a CPU that has it), float32 products
 // that are not thin skip both libraries as well. prepare() copies m once per call into column panels of 64
-// (packed_block below: 6 rows x 64 columns in 24 registers). On the 2-core Zen 5, two threads, one product:
-// [32, 256] x [256, 256] 9.8 us against oneDNN's 21.6 us with m in its blocked layout (428 against 194 GFLOP/s),
-// [32, 256] x [256, 1024] 489 against 328, [128, 256] x [256, 1024] 496 against 468, [32, 1024] x [1024, 4096]
-// 482 against 434 GFLOP/s: oneDNN's call overhead is what the small products lost. SEQPLAT_STEP_GEMM=packed
+// (packed_block below: 6 rows x 64 columns in 24 registers). On the 2-core Zen 5, two threads, m prepared once,
+// best of five means of 2000 products, against oneDNN with m in its blocked layout: [1, 256] x [256, 1024] 3.3
+// against 14.0 us,
+// [32, 256] x [256, 256] 8.7 against 17.7 us (481 against 236 GFLOP/s), [32, 256] x [256, 778] 440 against
+// 330, [128, 256] x [256, 1024] 524 against 487, [128, 1024] x [1024, 4096] 535 against 511 GFLOP/s (about the
+// two cores' peak): oneDNN's call overhead is what the small products lost. SEQPLAT_STEP_GEMM=packed
 // sends every float32 product there, thin ones included; mm or onednn turn the panels off.
 //
 // Thin products, where m has at most kThinMax rows or columns (GAM-RHN's memory reads and writes: N = 10
@@ -153,10 +155,11 @@ inline at::Tensor pack_panels(const at::Tensor& m) {
 #if SEQPLAT_PACKED_GEMM
 typedef float f32x16 __attribute__((vector_size(64)));
 
-// out[R, w] (+)= x[R, K] @ panel[K, :w] for R <= kBlockRows rows (x and out row strides xs, os)
-template <int R, bool accumulate>
-inline void packed_block(const float* x, int64_t xs, const float* panel, int64_t K, float* out, int64_t os,
-                         int64_t w) {
+// out[R, w] (+)= x[R, K] @ panel[K, :w] for R <= kBlockRows rows: x[r, k] at x[r * xs + k * xk] (xk = 1 for the
+// step products, xs = 1 for outer products, where x is the transpose of a row-major factor), out's rows os apart
+template <int R, bool accumulate, bool unit_k>
+inline void packed_block(const float* x, int64_t xs, int64_t xk, const float* panel, int64_t K, float* out,
+                         int64_t os, int64_t w) {
   constexpr int V = kPanel / 16;
   f32x16 acc[R][V];
   for (int r = 0; r < R; ++r) {
@@ -165,8 +168,9 @@ inline void packed_block(const float* x, int64_t xs, const float* panel, int64_t
   for (int64_t k = 0; k < K; ++k) {
     f32x16 b[V];
     for (int v = 0; v < V; ++v) b[v] = *reinterpret_cast<const f32x16*>(panel + k * kPanel + 16 * v);
+    const float* xcol = x + (unit_k ? k : k * xk);
     for (int r = 0; r < R; ++r) {
-      const float a = x[r * xs + k];
+      const float a = xcol[r * xs];
       for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
     }
   }
@@ -195,22 +199,22 @@ inline void packed_block(const float* x, int64_t xs, const float* panel, int64_t
 }
 
 // rows [0, rows) of one panel of width w: blocks of kBlockRows, then the remainder
-template <bool accumulate>
-inline void packed_rows(const float* x, int64_t xs, const float* panel, int64_t K, float* out, int64_t os,
+template <bool accumulate, bool unit_k>
+inline void packed_rows(const float* x, int64_t xs, int64_t xk, const float* panel, int64_t K, float* out, int64_t os,
                         int64_t rows, int64_t w) {
   int64_t r = 0;
   for (; r + kBlockRows <= rows; r += kBlockRows) {
-    packed_block<kBlockRows, accumulate>(x + r * xs, xs, panel, K, out + r * os, os, w);
+    packed_block<kBlockRows, accumulate, unit_k>(x + r * xs, xs, xk, panel, K, out + r * os, os, w);
   }
   const float* xr = x + r * xs;
   float* o = out + r * os;
   static_assert(kBlockRows == 6, "the remainder cases below cover 1 .. kBlockRows - 1 rows");
   switch (rows - r) {
-    case 1: packed_block<1, accumulate>(xr, xs, panel, K, o, os, w); break;
-    case 2: packed_block<2, accumulate>(xr, xs, panel, K, o, os, w); break;
-    case 3: packed_block<3, accumulate>(xr, xs, panel, K, o, os, w); break;
-    case 4: packed_block<4, accumulate>(xr, xs, panel, K, o, os, w); break;
-    case 5: packed_block<5, accumulate>(xr, xs, panel, K, o, os, w); break;
+    case 1: packed_block<1, accumulate, unit_k>(xr, xs, xk, panel, K, o, os, w); break;
+    case 2: packed_block<2, accumulate, unit_k>(xr, xs, xk, panel, K, o, os, w); break;
+    case 3: packed_block<3, accumulate, unit_k>(xr, xs, xk, panel, K, o, os, w); break;
+    case 4: packed_block<4, accumulate, unit_k>(xr, xs, xk, panel, K, o, os, w); break;
+    case 5: packed_block<5, accumulate, unit_k>(xr, xs, xk, panel, K, o, os, w); break;
     default: break;
   }
 }
@@ -414,7 +418,8 @@ void packed_product(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
       const int64_t panel = t % P, r0 = (t / P) * chunk_rows;
       const int64_t n = std::min(chunk_rows, rows - r0), w = std::min(kPanel, N - panel * kPanel);
       if (n <= 0) continue;
-      packed_rows<accumulate>(xp + r0 * xs, xs, pp + panel * K * kPanel, K, op + r0 * os + panel * kPanel, os, n, w);
+      packed_rows<accumulate, true>(xp + r0 * xs, xs, 1, pp + panel * K * kPanel, K, op + r0 * os + panel * kPanel, os,
+                                    n, w);
     }
   };
   const int64_t tasks = P * chunks;
@@ -496,6 +501,84 @@ inline void addmm_into(at::Tensor& out, const at::Tensor& x, const StepMatrix& s
 // SEQPLAT_STEP_GEMM forces a route as for the step products.
 constexpr int64_t kOnednnMinOuter = int64_t(1) << 14;
 
+// On the packed route (AVX-512 builds, float32, route auto or packed) outer products run the step products' register
+// blocks as well: c = a^T @ b reads a [rows, m] as the left factor transposed (6 of its columns per block, a
+// broadcast each) and b [rows, n] in chunks of kOuterChunk rows by one 64-column panel, copied into a buffer on the
+// stack (32 KB: it stays in L1 while the blocks of c's rows stream past). Neither factor is copied whole, and both
+// may be column blocks of wider buffers. Measured against oneDNN's backward-weights primitive (which needs both in
+// its tensor type, a copy each) in the table of docs/performance.md's 2026-12-07 (session 13) section.
+constexpr int64_t kOuterChunk = 128;
+
+namespace detail {
+
+// whether outer products of this dtype and device take the packed route
+inline bool packed_outer_route(const at::TensorOptions& options) {
+  const int route = forced_route();
+  return SEQPLAT_PACKED_GEMM && (route == 0 || route == 3) && options.dtype() == at::kFloat &&
+         options.device().is_cpu() && cpu_has_avx512();
+}
+
+inline bool packed_outer_applies(const at::Tensor& a, const at::Tensor& b) {
+  return packed_outer_route(a.options()) && b.scalar_type() == at::kFloat && a.dim() == 2 && b.dim() == 2 &&
+         a.size(0) == b.size(0) && a.size(0) > 0 && a.size(1) > 0 && b.size(1) > 0 && a.stride(1) == 1 &&
+         b.stride(1) == 1;
+}
+
+// a^T @ b on the packed route (packed_outer_applies holds): [m, n], a new tensor. Tasks are panels of c's columns
+// (and chunks of its rows where there are fewer panels than two per thread); each task walks the rows of a and b
+// in chunks, the first chunk writing c's block and the others adding to it.
+inline at::Tensor packed_outer(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t rows = a.size(0), m = a.size(1), n = b.size(1);
+  if (n < kPanel && m > n) {  // the panels would be mostly padding: c^T = b^T a has m columns
+    return packed_outer(b, a).t().contiguous();
+  }
+  at::Tensor c = at::empty({m, n}, a.options());
+#if SEQPLAT_PACKED_GEMM
+  const float* ap = a.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  float* cp = c.mutable_data_ptr<float>();
+  const int64_t as = a.stride(0), bs = b.stride(0);
+  const int64_t P = (n + kPanel - 1) / kPanel;
+  const bool serial = at::get_num_threads() == 1 || at::in_parallel_region() || rows * m * n < kPackedSerialMacs;
+  const int64_t threads = serial ? 1 : at::get_num_threads();
+  const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
+  const int64_t chunks = P >= 2 * threads ? 1 : std::min(blocks, (2 * threads + P - 1) / P);
+  const int64_t chunk_rows = (blocks + chunks - 1) / chunks * kBlockRows;
+  const auto run = [&](int64_t t0, int64_t t1) {
+    alignas(64) float panel[kOuterChunk * kPanel];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p = t % P, i0 = (t / P) * chunk_rows;
+      const int64_t ni = std::min(chunk_rows, m - i0), j0 = p * kPanel, w = std::min(kPanel, n - j0);
+      if (ni <= 0) continue;
+      for (int64_t k0 = 0; k0 < rows; k0 += kOuterChunk) {
+        const int64_t kc = std::min(kOuterChunk, rows - k0);
+        for (int64_t k = 0; k < kc; ++k) {
+          float* dst = panel + k * kPanel;
+          std::memcpy(dst, bp + (k0 + k) * bs + j0, sizeof(float) * w);
+          if (w < kPanel) std::memset(dst + w, 0, sizeof(float) * (kPanel - w));
+        }
+        const float* x = ap + k0 * as + i0;  // x[r, k] = a[k0 + k, i0 + r]
+        float* out = cp + i0 * n + j0;
+        if (k0 == 0) {
+          packed_rows<false, false>(x, 1, as, panel, kc, out, n, ni, w);
+        } else {
+          packed_rows<true, false>(x, 1, as, panel, kc, out, n, ni, w);
+        }
+      }
+    }
+  };
+  const int64_t tasks = P * chunks;
+  if (serial) {
+    run(0, tasks);
+  } else {
+    at::parallel_for(0, tasks, (tasks + threads - 1) / threads, run);
+  }
+#endif
+  return c;
+}
+
+}  // namespace detail
+
 }  // namespace seqplat
 
 namespace at::native {
@@ -517,7 +600,8 @@ struct OuterFactor {
 };
 
 inline OuterFactor outer_factor(int64_t rows, int64_t cols, const at::TensorOptions& options) {
-  const bool onednn = options.dtype() == at::kFloat && options.device().is_cpu() && detail::forced_route() != 1 &&
+  const bool onednn = !detail::packed_outer_route(options) && options.dtype() == at::kFloat &&
+                      options.device().is_cpu() && detail::forced_route() != 1 &&
                       at::hasMKLDNN() && &at::native::data_ptr_from_mkldnn != nullptr &&
                       (detail::forced_route() == 2 || detail::cpu_has_avx512());
   if (!onednn || rows == 0 || cols == 0) return {at::empty({rows, cols}, options), at::Tensor()};
@@ -548,12 +632,14 @@ inline at::Tensor onednn_of(const OuterFactor& a) {
 }  // namespace detail
 
 inline at::Tensor outer(const at::Tensor& a, const at::Tensor& b) {
+  if (detail::packed_outer_applies(a, b)) return detail::packed_outer(a, b);
   if (!detail::outer_via_onednn(a, b)) return at::mm(a.t(), b);
   return detail::backward_weights(a.contiguous().to_mkldnn(), b, false).first;
 }
 
 // outer(a.dense, b) reading a's oneDNN twin where there is one
 inline at::Tensor outer(const OuterFactor& a, const at::Tensor& b) {
+  if (detail::packed_outer_applies(a.dense, b)) return detail::packed_outer(a.dense, b);
   if (!detail::outer_via_onednn(a.dense, b)) return at::mm(a.dense.t(), b);
   return detail::backward_weights(detail::onednn_of(a), b, false).first;
 }
@@ -561,6 +647,7 @@ inline at::Tensor outer(const OuterFactor& a, const at::Tensor& b) {
 // (a^T @ b, the column sums of a): the weight and bias gradients of a linear layer b -> a; on the oneDNN route one
 // backward-weights call computes both
 inline std::pair<at::Tensor, at::Tensor> outer_with_sum(const OuterFactor& a, const at::Tensor& b) {
+  if (detail::packed_outer_applies(a.dense, b)) return {detail::packed_outer(a.dense, b), a.dense.sum(0)};
   if (!detail::outer_via_onednn(a.dense, b)) return {at::mm(a.dense.t(), b), a.dense.sum(0)};
   return detail::backward_weights(detail::onednn_of(a), b, true);
 }
@@ -570,6 +657,9 @@ inline std::pair<at::Tensor, at::Tensor> outer_with_sum(const OuterFactor& a, co
 // oneDNN's tensor type once for both, and the second call computes the bias gradient too
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> outer_pair(const OuterFactor& a, const at::Tensor& b1,
                                                                  const at::Tensor& b2, bool sum = false) {
+  if (detail::packed_outer_applies(a.dense, b1) && detail::packed_outer_applies(a.dense, b2)) {
+    return {detail::packed_outer(a.dense, b1), detail::packed_outer(a.dense, b2), sum ? a.dense.sum(0) : at::Tensor()};
+  }
   const bool o1 = detail::outer_via_onednn(a.dense, b1), o2 = detail::outer_via_onednn(a.dense, b2);
   at::Tensor am;
   if (o1 || o2) am = detail::onednn_of(a);
