@@ -34,6 +34,7 @@ gradient, and ``gradcheck`` it in float64.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -391,7 +392,7 @@ class GAMRHNRecurrence(torch.autograd.Function):
         dm, ds = torch.ops.seqplat_gam_rhn.backward(
             dys, dm_out, ds_out, _contiguous(mask_g), _contiguous(mask_r), list(weights),
             _cpp_buffers(ctx.buf, empty), [sb["dg0"], sb["da0"], sb.get("dgl", empty), sb.get("da", empty)])
-        grads = _weight_grads(ctx.buf, sb, ctx.dims, steps, b)
+        grads = _weight_grads(ctx.buf, sb, ctx.dims, steps, b, torch.ops.seqplat_gam_rhn.outer)
         dxp = sb["dg0"][..., 3 * d :].clone()  # handed to autograd: not a view of a workspace buffer
         if workspace is not None:
             workspace.give((sflat,))
@@ -399,10 +400,12 @@ class GAMRHNRecurrence(torch.autograd.Function):
         return (dxp, dm, ds, None, None, None, None, *grads)
 
 
-def _weight_grads(buf: dict[str, Tensor], sb: dict[str, Tensor], dims: tuple, steps: int,
-                  b: int) -> list[Tensor | None]:
+def _weight_grads(buf: dict[str, Tensor], sb: dict[str, Tensor], dims: tuple, steps: int, b: int,
+                  outer: Callable[[Tensor, Tensor], Tensor] = outer) -> list[Tensor | None]:
     """The weight gradients from the saved buffers and the per-step gradients: one GEMM per matrix over
-    all steps (``inputs[T*b, k]^T @ grads[T*b, n]``)."""
+    all steps (``inputs[T*b, k]^T @ grads[T*b, n]``). The C++ backward passes its kernel's ``outer``
+    (``seqplat::outer``: on AVX-512 builds it reads the column blocks of ``dg0`` in place, where
+    :func:`seqplat.core.gemm.outer` copies both factors into oneDNN's tensor type)."""
     h, d, n, slots, depth = dims
     sn = slots * n
     s_in = buf["s_in"]

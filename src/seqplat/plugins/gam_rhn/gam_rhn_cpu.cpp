@@ -600,6 +600,10 @@ _Pragma("omp simd")
 
 }  // namespace
 
+// a^T @ b summed over the rows (a weight gradient over all steps), through seqplat::outer: the packed route reads
+// column blocks of the saved buffers in place
+at::Tensor gam_rhn_outer(const at::Tensor& a, const at::Tensor& b) { return seqplat::outer(a, b); }
+
 TORCH_LIBRARY(seqplat_gam_rhn, m) {
   m.def(
       "forward(Tensor xp, Tensor m0, Tensor s0, Tensor? mask_g, Tensor? mask_r, Tensor[] weights, "
@@ -607,9 +611,11 @@ TORCH_LIBRARY(seqplat_gam_rhn, m) {
   m.def(
       "backward(Tensor grad_ys, Tensor grad_mT, Tensor grad_sT, Tensor? mask_g, Tensor? mask_r, Tensor[] weights, "
       "Tensor[] bufs, Tensor(a!)[] grad_bufs) -> (Tensor, Tensor)");
+  m.def("outer(Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(seqplat_gam_rhn, CPU, m) {
   m.impl("forward", &gam_rhn_forward);
   m.impl("backward", &gam_rhn_backward);
+  m.impl("outer", &gam_rhn_outer);
 }
