@@ -75,14 +75,3 @@ def test_projection_passes_float64_gradcheck_on_the_mm_route_and_routes_float32_
     assert not gemm.projection_uses_onednn(x, w)
     assert torch.autograd.gradcheck(gemm.projection, (x, w))
     assert gemm.projection_uses_onednn(x.float(), w.float())
-
-
-@needs_onednn
-@pytest.mark.parametrize("route", ["mm", "onednn"])
-def test_outer_batched_is_outer_per_layer(route, monkeypatch):
-    monkeypatch.setenv("SEQPLAT_STEP_GEMM", route)
-    a, b = torch.randn(3, 40, 12), torch.randn(3, 40, 7)
-    got = gemm.outer_batched(a, b)
-    assert got.shape == (3, 12, 7)
-    for i in range(3):
-        assert torch.allclose(got[i], a[i].t() @ b[i], rtol=1e-5, atol=1e-5)

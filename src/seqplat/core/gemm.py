@@ -69,14 +69,6 @@ def outer(a: Tensor, b: Tensor) -> Tensor:
     return a.t() @ b
 
 
-def outer_batched(a: Tensor, b: Tensor) -> Tensor:
-    """:func:`outer` of each pair: ``a [k, rows, m]``, ``b [k, rows, n]`` -> ``[k, m, n]`` (one weight gradient
-    per layer of a stack, e.g. an RHN's micro-layers)."""
-    if a.shape[0] > 0 and outer_uses_onednn(a[0], b[0]):
-        return torch.stack([outer(x, y) for x, y in zip(a, b, strict=True)])
-    return torch.bmm(a.transpose(1, 2), b)
-
-
 def onednn_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``x @ w^T + b`` through oneDNN's inner product (no autograd)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import CppKernel
-from seqplat.core.gemm import outer, project_steps
+from seqplat.core.gemm import project_steps
 
 CPP_SOURCE = Path(__file__).with_name("own_gru_cpu.cpp")
 KERNEL = CppKernel(CPP_SOURCE, "seqplat_own_gru_cpu", "gru (impl='own')",
@@ -55,7 +55,7 @@ class GRURecurrence(torch.autograd.Function):
         T, b, three_h = act.shape
         dxp, dgh, dh0 = torch.ops.seqplat_own_gru.backward(act, hs, hn, w_hh, g_y.contiguous(), g_hT.contiguous())
         flat = dgh.view(T * b, three_h)
-        d_w = outer(flat, hs[:T].reshape(T * b, three_h // 3))  # one GEMM over all steps
+        d_w = torch.ops.seqplat_own_gru.outer(flat, hs[:T].reshape(T * b, three_h // 3))  # one GEMM, all steps
         return dxp, d_w, flat.sum(0), dh0
 
 

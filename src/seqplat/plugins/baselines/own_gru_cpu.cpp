@@ -155,14 +155,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> own_gru_backward(const at::Tensor
 
 }  // namespace
 
+// a^T @ b summed over the rows (W_hh's gradient over all steps) via seqplat::outer
+at::Tensor own_gru_outer(const at::Tensor& a, const at::Tensor& b) { return seqplat::outer(a, b); }
+
 TORCH_LIBRARY(seqplat_own_gru, m) {
   m.def("forward(Tensor xp, Tensor w_hh, Tensor b_hh, Tensor h0) -> (Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor act, Tensor hs, Tensor hn, Tensor w_hh, Tensor grad_y, Tensor grad_hT) -> "
       "(Tensor, Tensor, Tensor)");
+  m.def("outer(Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(seqplat_own_gru, CPU, m) {
   m.impl("forward", &own_gru_forward);
   m.impl("backward", &own_gru_backward);
+  m.impl("outer", &own_gru_outer);
 }

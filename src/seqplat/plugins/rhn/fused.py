@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import CppKernel
-from seqplat.core.gemm import outer, outer_batched
+from seqplat.core.gemm import outer
 from seqplat.core.workspace import Workspace
 
 CPP_SOURCE = Path(__file__).with_name("rhn_cpu.cpp")
@@ -321,7 +321,9 @@ class RHNRecurrence(torch.autograd.Function):
         ds = torch.ops.seqplat_rhn.backward(weight_hh.contiguous(), _contiguous(mask_h), _contiguous(mask_g),
                                             _contiguous(scales), a_buf, e_buf, dys, ds_T, du, drs)
         # weight gradients: one GEMM per micro-layer over all steps (rs = s_in R^T  =>  dR = drs^T s_in)
-        d_weight = outer_batched(drs.view(depth, steps * b, 2 * n), s_in_buf.view(depth, steps * b, n))
+        # (seqplat::outer: on AVX-512 builds without copying both factors into oneDNN's tensor type)
+        flat_drs, flat_s = drs.view(depth, steps * b, 2 * n), s_in_buf.view(depth, steps * b, n)
+        d_weight = torch.stack([torch.ops.seqplat_rhn.outer(flat_drs[i], flat_s[i]) for i in range(depth)])
         d_bias = du.view(depth, steps * b, 2 * n).sum(1)
         # H3: dL/dz = sum over the H and T halves of du * rs
         d_scales = _sum_halves_of_product(du, ctx.buffers[3], scales.new_empty(scales.shape))

@@ -306,6 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rhn_backward_grads(
 
 }  // namespace
 
+// a^T @ b summed over the rows (hyper_rhn's weight gradient of one micro-layer over all steps), via seqplat::outer
+at::Tensor rhn_outer(const at::Tensor& a, const at::Tensor& b) { return seqplat::outer(a, b); }
+
 TORCH_LIBRARY(seqplat_rhn, m) {
   m.def(
       "forward(Tensor xp, Tensor s0, Tensor weight_hh, Tensor bias_hh, Tensor? mask_h, Tensor? mask_g, "
@@ -316,10 +319,12 @@ TORCH_LIBRARY(seqplat_rhn, m) {
   m.def(
       "backward_grads(Tensor weight_hh, Tensor? mask_h, Tensor? mask_g, Tensor a, Tensor e, Tensor grad_out, "
       "Tensor grad_sT, Tensor s_in) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("outer(Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(seqplat_rhn, CPU, m) {
   m.impl("forward", &rhn_forward);
   m.impl("backward", &rhn_backward);
   m.impl("backward_grads", &rhn_backward_grads);
+  m.impl("outer", &rhn_outer);
 }
