@@ -54,6 +54,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace seqplat {
 
@@ -503,11 +504,15 @@ constexpr int64_t kOnednnMinOuter = int64_t(1) << 14;
 
 // On the packed route (AVX-512 builds, float32, route auto or packed) outer products run the step products' register
 // blocks as well: c = a^T @ b reads a [rows, m] as the left factor transposed (6 of its columns per block, a
-// broadcast each) and b [rows, n] in chunks of kOuterChunk rows by one 64-column panel, copied into a buffer on the
-// stack (32 KB: it stays in L1 while the blocks of c's rows stream past). Neither factor is copied whole, and both
-// may be column blocks of wider buffers. Measured against oneDNN's backward-weights primitive (which needs both in
-// its tensor type, a copy each) in the table of docs/performance.md's 2026-12-07 (session 13) section.
+// broadcast each) and b [rows, n] in chunks of kOuterChunk rows, copied as 64-column panels into a buffer (up to
+// kOuterPanels panels: 512 KB, in L2). For each chunk, each 6-column block of a (in L1) meets every panel of the
+// buffer, so a is read once per chunk and task whatever n is (an LSTM's [3200, 4096] gate gradients against its
+// [3200, 1024] states at H=1024: read once per panel instead, 16 times, the product ran at half speed). Neither
+// factor is copied whole, and both may be column blocks of wider buffers. Measured against oneDNN's
+// backward-weights primitive (which needs both in its tensor type, a copy each) in docs/performance.md (seventh
+// 2026-12-07 session).
 constexpr int64_t kOuterChunk = 128;
+constexpr int64_t kOuterPanels = 8;
 
 namespace detail {
 
@@ -524,9 +529,10 @@ inline bool packed_outer_applies(const at::Tensor& a, const at::Tensor& b) {
          b.stride(1) == 1;
 }
 
-// a^T @ b on the packed route (packed_outer_applies holds): [m, n], a new tensor. Tasks are panels of c's columns
-// (and chunks of its rows where there are fewer panels than two per thread); each task walks the rows of a and b
-// in chunks, the first chunk writing c's block and the others adding to it.
+// a^T @ b on the packed route (packed_outer_applies holds): [m, n], a new tensor. Tasks are groups of up to
+// kOuterPanels panels of c's columns, split further into chunks of c's rows where there are fewer groups than two
+// per thread; each task walks the rows of a and b in chunks, the first chunk writing c's blocks and the others adding
+// to them.
 inline at::Tensor packed_outer(const at::Tensor& a, const at::Tensor& b) {
   const int64_t rows = a.size(0), m = a.size(1), n = b.size(1);
   if (n < kPanel && m > n) {  // the panels would be mostly padding: c^T = b^T a has m columns
@@ -541,33 +547,47 @@ inline at::Tensor packed_outer(const at::Tensor& a, const at::Tensor& b) {
   const int64_t P = (n + kPanel - 1) / kPanel;
   const bool serial = at::get_num_threads() == 1 || at::in_parallel_region() || rows * m * n < kPackedSerialMacs;
   const int64_t threads = serial ? 1 : at::get_num_threads();
+  // panel groups: as even as kOuterPanels allows, and at least one per thread where there are enough panels
+  const int64_t groups = std::max((P + kOuterPanels - 1) / kOuterPanels, std::min(P, threads));
+  const int64_t group_panels = (P + groups - 1) / groups;
   const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
-  const int64_t chunks = P >= 2 * threads ? 1 : std::min(blocks, (2 * threads + P - 1) / P);
+  const int64_t chunks = groups >= 2 * threads ? 1 : std::min(blocks, (2 * threads + groups - 1) / groups);
   const int64_t chunk_rows = (blocks + chunks - 1) / chunks * kBlockRows;
   const auto run = [&](int64_t t0, int64_t t1) {
-    alignas(64) float panel[kOuterChunk * kPanel];
+    std::vector<f32x16> buffer(static_cast<size_t>(group_panels * kOuterChunk * kPanel / 16));
+    float* panels = reinterpret_cast<float*>(buffer.data());
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t p = t % P, i0 = (t / P) * chunk_rows;
-      const int64_t ni = std::min(chunk_rows, m - i0), j0 = p * kPanel, w = std::min(kPanel, n - j0);
-      if (ni <= 0) continue;
+      const int64_t p0 = (t % groups) * group_panels, i0 = (t / groups) * chunk_rows;
+      const int64_t np = std::min(group_panels, P - p0), ni = std::min(chunk_rows, m - i0);
+      if (np <= 0 || ni <= 0) continue;
       for (int64_t k0 = 0; k0 < rows; k0 += kOuterChunk) {
         const int64_t kc = std::min(kOuterChunk, rows - k0);
-        for (int64_t k = 0; k < kc; ++k) {
-          float* dst = panel + k * kPanel;
-          std::memcpy(dst, bp + (k0 + k) * bs + j0, sizeof(float) * w);
-          if (w < kPanel) std::memset(dst + w, 0, sizeof(float) * (kPanel - w));
+        for (int64_t q = 0; q < np; ++q) {  // panel q of the group: b[k0 : k0 + kc, j0 : j0 + w], zero-padded
+          const int64_t j0 = (p0 + q) * kPanel, w = std::min(kPanel, n - j0);
+          float* dst = panels + q * kOuterChunk * kPanel;
+          for (int64_t k = 0; k < kc; ++k) {
+            std::memcpy(dst + k * kPanel, bp + (k0 + k) * bs + j0, sizeof(float) * w);
+            if (w < kPanel) std::memset(dst + k * kPanel + w, 0, sizeof(float) * (kPanel - w));
+          }
         }
-        const float* x = ap + k0 * as + i0;  // x[r, k] = a[k0 + k, i0 + r]
-        float* out = cp + i0 * n + j0;
-        if (k0 == 0) {
-          packed_rows<false, false>(x, 1, as, panel, kc, out, n, ni, w);
-        } else {
-          packed_rows<true, false>(x, 1, as, panel, kc, out, n, ni, w);
+        for (int64_t r = 0; r < ni; r += kBlockRows) {  // 6 columns of a against every panel of the group
+          const int64_t nr = std::min(kBlockRows, ni - r);
+          const float* x = ap + k0 * as + i0 + r;  // x[r', k] = a[k0 + k, i0 + r + r']
+          for (int64_t q = 0; q < np; ++q) {
+            const int64_t j0 = (p0 + q) * kPanel, w = std::min(kPanel, n - j0);
+            float* out = cp + (i0 + r) * n + j0;
+            const float* panel = panels + q * kOuterChunk * kPanel;
+            if (k0 == 0) {
+              packed_rows<false, false>(x, 1, as, panel, kc, out, n, nr, w);
+            } else {
+              packed_rows<true, false>(x, 1, as, panel, kc, out, n, nr, w);
+            }
+          }
         }
       }
     }
   };
-  const int64_t tasks = P * chunks;
+  const int64_t tasks = groups * chunks;
   if (serial) {
     run(0, tasks);
   } else {
