@@ -505,7 +505,7 @@ constexpr int64_t kOnednnMinOuter = int64_t(1) << 14;
 // On the packed route (AVX-512 builds, float32, route auto or packed) outer products run the step products' register
 // blocks as well: c = a^T @ b reads a [rows, m] as the left factor transposed (6 of its columns per block, a
 // broadcast each) and b [rows, n] in chunks of kOuterChunk rows, copied as 64-column panels into a buffer (up to
-// kOuterPanels panels: 512 KB, in L2). For each chunk, each 6-column block of a (in L1) meets every panel of the
+// kOuterPanels panels: 256 KB, in L2). For each chunk, each 6-column block of a (in L1) meets every panel of the
 // buffer, so a is read once per chunk and task whatever n is (an LSTM's [3200, 4096] gate gradients against its
 // [3200, 1024] states at H=1024: read once per panel instead, 16 times, the product ran at half speed). Neither
 // factor is copied whole, and both may be column blocks of wider buffers. Measured against oneDNN's
