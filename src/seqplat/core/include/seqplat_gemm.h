@@ -24,12 +24,12 @@
 // Packed panels: where the kernels are built with AVX-512 (-march=native on a CPU that has it), float32 products
 // that are not thin skip both libraries as well. prepare() copies m once per call into column panels of 64
 // (packed_block below: 6 rows x 64 columns in 24 registers). On the 2-core Zen 5, two threads, m prepared once,
-// best of five means of 2000 products, against oneDNN with m in its blocked layout: [1, 256] x [256, 1024] 3.3
-// against 14.0 us,
-// [32, 256] x [256, 256] 8.7 against 17.7 us (481 against 236 GFLOP/s), [32, 256] x [256, 778] 440 against
-// 330, [128, 256] x [256, 1024] 524 against 487, [128, 1024] x [1024, 4096] 535 against 511 GFLOP/s (about the
-// two cores' peak): oneDNN's call overhead is what the small products lost. SEQPLAT_STEP_GEMM=packed
-// sends every float32 product there, thin ones included; mm or onednn turn the panels off.
+// mean of 2000 products (best of five), against oneDNN with m in its blocked layout: [1, 256] x [256, 1024] 2.8
+// against 13.2 us, [32, 256] x [256, 256] 8.7 against 17.3 us (480 against 242 GFLOP/s), [32, 256] x [256, 778]
+// 29.2 against 39.4 us, [128, 1024] x [1024, 4096] 514 against 506 GFLOP/s (about the two cores' peak): oneDNN's
+// call overhead is what the small products lost. The weight gradients over all steps (outer() below) run the same
+// blocks. SEQPLAT_STEP_GEMM=packed sends every float32 product there, thin ones included; mm or onednn turn the
+// panels off.
 //
 // Thin products, where m has at most kThinMax rows or columns (GAM-RHN's memory reads and writes: N = 10
 // groups, an address width of 10), skip both libraries and run the loops below: at::mm spent 6-20 us on
@@ -127,7 +127,8 @@ constexpr int64_t kThinMax = 32;
 // of the panel stream past (one broadcast of x per row and step of K, four loads of the panel, 24 FMAs).
 constexpr int64_t kPanel = 64;
 constexpr int64_t kBlockRows = 6;
-// below this many multiply-adds a product runs on the calling thread (a parallel region costs about 2 us)
+// below this many multiply-adds (a few microseconds of work) a product runs on the calling thread, without a
+// parallel region
 constexpr int64_t kPackedSerialMacs = int64_t(1) << 17;
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512F__)
@@ -593,6 +594,8 @@ inline at::Tensor packed_outer(const at::Tensor& a, const at::Tensor& b) {
   } else {
     at::parallel_for(0, tasks, (tasks + threads - 1) / threads, run);
   }
+#else
+  TORCH_CHECK(false, "seqplat: the packed outer products were not built (no AVX-512 at compile time)");
 #endif
   return c;
 }

@@ -153,10 +153,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> own_gru_backward(const at::Tensor
   return {dxp, dgh, dh};
 }
 
-}  // namespace
-
 // a^T @ b summed over the rows (W_hh's gradient over all steps) via seqplat::outer
 at::Tensor own_gru_outer(const at::Tensor& a, const at::Tensor& b) { return seqplat::outer(a, b); }
+
+}  // namespace
 
 TORCH_LIBRARY(seqplat_own_gru, m) {
   m.def("forward(Tensor xp, Tensor w_hh, Tensor b_hh, Tensor h0) -> (Tensor, Tensor, Tensor)");

@@ -598,11 +598,11 @@ _Pragma("omp simd")
   return {dm, ds};
 }
 
-}  // namespace
-
 // a^T @ b summed over the rows (a weight gradient over all steps), through seqplat::outer: the packed route reads
 // column blocks of the saved buffers in place
 at::Tensor gam_rhn_outer(const at::Tensor& a, const at::Tensor& b) { return seqplat::outer(a, b); }
+
+}  // namespace
 
 TORCH_LIBRARY(seqplat_gam_rhn, m) {
   m.def(

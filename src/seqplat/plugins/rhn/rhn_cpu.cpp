@@ -304,10 +304,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rhn_backward_grads(
   return {ds, du_l[0], d_w, d_b};
 }
 
-}  // namespace
-
 // a^T @ b summed over the rows (hyper_rhn's weight gradient of one micro-layer over all steps), via seqplat::outer
 at::Tensor rhn_outer(const at::Tensor& a, const at::Tensor& b) { return seqplat::outer(a, b); }
+
+}  // namespace
 
 TORCH_LIBRARY(seqplat_rhn, m) {
   m.def(
