@@ -222,6 +222,28 @@ inline void packed_rows(const float* x, int64_t xs, int64_t xk, const float* pan
 }
 #endif
 
+// threads for a product of `macs` multiply-adds: 1 below kPackedSerialMacs, with one thread, or inside a parallel region
+inline int64_t packed_threads(int64_t macs) {
+  const bool serial = at::get_num_threads() == 1 || at::in_parallel_region() || macs < kPackedSerialMacs;
+  return serial ? 1 : at::get_num_threads();
+}
+
+// chunks of output rows (`blocks` blocks of kBlockRows) per column unit: one where there are at least two units per
+// thread, else as many as give every thread two tasks
+inline int64_t packed_row_chunks(int64_t units, int64_t blocks, int64_t threads) {
+  return units >= 2 * threads ? 1 : std::min(blocks, (2 * threads + units - 1) / units);
+}
+
+// run(t0, t1) over tasks [0, tasks): on the calling thread, or split evenly over `threads`
+template <typename F>
+inline void run_packed_tasks(int64_t tasks, int64_t threads, const F& run) {
+  if (threads == 1) {
+    run(int64_t(0), tasks);
+  } else {
+    at::parallel_for(0, tasks, (tasks + threads - 1) / threads, run);
+  }
+}
+
 }  // namespace detail
 
 enum class Thin { kNone, kInner, kOuter };
@@ -409,11 +431,9 @@ void packed_product(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
   const float* pp = s.p.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   const int64_t xs = x.stride(0), os = out.stride(0);
-  const bool serial =
-      at::get_num_threads() == 1 || at::in_parallel_region() || rows * K * N < kPackedSerialMacs;
-  const int64_t threads = serial ? 1 : at::get_num_threads();
+  const int64_t threads = packed_threads(rows * K * N);
   const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
-  const int64_t chunks = P >= 2 * threads ? 1 : std::min(blocks, (2 * threads + P - 1) / P);
+  const int64_t chunks = packed_row_chunks(P, blocks, threads);
   const int64_t chunk_rows = (blocks + chunks - 1) / chunks * kBlockRows;
   const auto run = [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -424,12 +444,7 @@ void packed_product(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
                                     n, w);
     }
   };
-  const int64_t tasks = P * chunks;
-  if (serial) {
-    run(0, tasks);
-  } else {
-    at::parallel_for(0, tasks, (tasks + threads - 1) / threads, run);
-  }
+  run_packed_tasks(P * chunks, threads, run);
 #else
   TORCH_CHECK(false, "seqplat: the packed step products were not built (no AVX-512 at compile time)");
 #endif
@@ -546,13 +561,12 @@ inline at::Tensor packed_outer(const at::Tensor& a, const at::Tensor& b) {
   float* cp = c.mutable_data_ptr<float>();
   const int64_t as = a.stride(0), bs = b.stride(0);
   const int64_t P = (n + kPanel - 1) / kPanel;
-  const bool serial = at::get_num_threads() == 1 || at::in_parallel_region() || rows * m * n < kPackedSerialMacs;
-  const int64_t threads = serial ? 1 : at::get_num_threads();
+  const int64_t threads = packed_threads(rows * m * n);
   // panel groups: as even as kOuterPanels allows, and at least one per thread where there are enough panels
   const int64_t groups = std::max((P + kOuterPanels - 1) / kOuterPanels, std::min(P, threads));
   const int64_t group_panels = (P + groups - 1) / groups;
   const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
-  const int64_t chunks = groups >= 2 * threads ? 1 : std::min(blocks, (2 * threads + groups - 1) / groups);
+  const int64_t chunks = packed_row_chunks(groups, blocks, threads);
   const int64_t chunk_rows = (blocks + chunks - 1) / chunks * kBlockRows;
   const auto run = [&](int64_t t0, int64_t t1) {
     std::vector<f32x16> buffer(static_cast<size_t>(group_panels * kOuterChunk * kPanel / 16));
@@ -588,12 +602,7 @@ inline at::Tensor packed_outer(const at::Tensor& a, const at::Tensor& b) {
       }
     }
   };
-  const int64_t tasks = groups * chunks;
-  if (serial) {
-    run(0, tasks);
-  } else {
-    at::parallel_for(0, tasks, (tasks + threads - 1) / threads, run);
-  }
+  run_packed_tasks(groups * chunks, threads, run);
 #else
   TORCH_CHECK(false, "seqplat: the packed outer products were not built (no AVX-512 at compile time)");
 #endif
