@@ -27,6 +27,9 @@ CASES = {
     "lstm_own": ({"name": "lstm", "impl": "own", "hidden_size": 512}, own_lstm),
     "gru_own": ({"name": "gru", "impl": "own", "hidden_size": 600}, own_gru),
     "rhn": ({"name": "rhn", "hidden_size": 725, "depth": 2}, rhn_fused),
+    # the main RHN's R_l 2*725*725 scaled by z (its layer-1 input term too); the hyper RHN's thin [64, 32]
+    "hyper_rhn": ({"name": "hyper_rhn", "hidden_size": 725, "hyper_size": 32, "depth": 2, "gate_dropout": 0.3},
+                  rhn_fused),
     "phased_lstm": ({"name": "phased_lstm", "hidden_size": 512}, phased_scan),
     "fs_rnn": ({"name": "fs_rnn", "fast": _LN, "slow": _LN, "num_fast": 3}, fs_fused),
     # W_cs [1024, 1024], W_s0 [1024, 3072 + H] and W_hs of layers >= 2

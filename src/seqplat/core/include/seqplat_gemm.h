@@ -387,8 +387,23 @@ inline bool thin_applies(const at::Tensor& out, const at::Tensor& x, const StepM
          x.scalar_type() == s.t.scalar_type() && out.scalar_type() == s.t.scalar_type() && x.size(0) == out.size(0);
 }
 
-// out (+)= x @ m through the hand loops (thin_applies holds); rows in parallel chunks of at least 2^15
-// multiply-adds
+// out (+)= x @ m through the hand loops on raw rows (x [rows, K] rows xs apart, out [rows, N] rows os apart, unit
+// column strides; s.t of scalar_t); rows in parallel chunks of at least 2^15 multiply-adds
+template <typename scalar_t, bool accumulate>
+void thin_rows_product(scalar_t* op, int64_t os, const scalar_t* xp, int64_t xs, int64_t rows, const StepMatrix& s) {
+  const int64_t K = s.thin == Thin::kInner ? s.t.size(0) : s.t.size(1);
+  const int64_t N = s.thin == Thin::kInner ? s.t.size(1) : s.t.size(0);
+  const scalar_t* mp = s.t.const_data_ptr<scalar_t>();
+  for_rows(rows, row_grain(K * N, int64_t(1) << 15), [&](int64_t r0, int64_t r1) {
+    if (s.thin == Thin::kInner) {
+      thin_inner_rows<scalar_t, accumulate>(xp, xs, mp, K, N, op, os, r0, r1);
+    } else {
+      thin_outer_rows<scalar_t, accumulate>(xp, xs, mp, K, N, op, os, r0, r1);
+    }
+  });
+}
+
+// out (+)= x @ m through the hand loops (thin_applies holds)
 template <bool accumulate>
 void thin_product(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
   const int64_t rows = x.size(0);
@@ -397,17 +412,8 @@ void thin_product(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
   TORCH_CHECK(x.size(1) == K && out.size(1) == N, "seqplat: product shapes do not match: [", rows, ", ", x.size(1),
               "] x [", K, ", ", N, "] into ", out.sizes());
   AT_DISPATCH_FLOATING_TYPES(s.t.scalar_type(), "seqplat_thin_product", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* mp = s.t.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const int64_t xs = x.stride(0), os = out.stride(0);
-    for_rows(rows, row_grain(K * N, int64_t(1) << 15), [&](int64_t r0, int64_t r1) {
-      if (s.thin == Thin::kInner) {
-        thin_inner_rows<scalar_t, accumulate>(xp, xs, mp, K, N, op, os, r0, r1);
-      } else {
-        thin_outer_rows<scalar_t, accumulate>(xp, xs, mp, K, N, op, os, r0, r1);
-      }
-    });
+    thin_rows_product<scalar_t, accumulate>(out.mutable_data_ptr<scalar_t>(), out.stride(0),
+                                            x.const_data_ptr<scalar_t>(), x.stride(0), rows, s);
   });
 }
 
@@ -417,20 +423,15 @@ inline bool packed_applies(const at::Tensor& out, const at::Tensor& x, const Ste
          x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && x.size(0) == out.size(0);
 }
 
-// out (+)= x @ m through the packed loops (packed_applies holds). The work is split into tasks of one panel and
-// a chunk of rows: whole panels when there are at least two per thread, else the rows in as many chunks as
-// give every thread two tasks.
+// out (+)= x @ m through the packed loops on raw rows (as thin_rows_product; m packed). The work is split into
+// tasks of one panel and a chunk of rows: whole panels when there are at least two per thread, else the rows in as
+// many chunks as give every thread two tasks.
 template <bool accumulate>
-void packed_product(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
+void packed_rows_product(float* op, int64_t os, const float* xp, int64_t xs, int64_t rows, const StepMatrix& s) {
 #if SEQPLAT_PACKED_GEMM
-  const int64_t rows = x.size(0), K = s.p.size(1), N = s.m.size(1), P = s.p.size(0);
-  TORCH_CHECK(x.size(1) == K && out.size(1) == N, "seqplat: product shapes do not match: [", rows, ", ", x.size(1),
-              "] x [", K, ", ", N, "] into ", out.sizes());
+  const int64_t K = s.p.size(1), N = s.m.size(1), P = s.p.size(0);
   if (rows == 0) return;
-  const float* xp = x.const_data_ptr<float>();
   const float* pp = s.p.const_data_ptr<float>();
-  float* op = out.mutable_data_ptr<float>();
-  const int64_t xs = x.stride(0), os = out.stride(0);
   const int64_t threads = packed_threads(rows * K * N);
   const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
   const int64_t chunks = packed_row_chunks(P, blocks, threads);
@@ -450,7 +451,36 @@ void packed_product(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
 #endif
 }
 
+// out (+)= x @ m through the packed loops (packed_applies holds)
+template <bool accumulate>
+void packed_product(at::Tensor& out, const at::Tensor& x, const StepMatrix& s) {
+  const int64_t rows = x.size(0), K = s.m.size(0), N = s.m.size(1);
+  TORCH_CHECK(x.size(1) == K && out.size(1) == N, "seqplat: product shapes do not match: [", rows, ", ", x.size(1),
+              "] x [", K, ", ", N, "] into ", out.sizes());
+  packed_rows_product<accumulate>(out.mutable_data_ptr<float>(), out.stride(0), x.const_data_ptr<float>(), x.stride(0),
+                                  rows, s);
+}
+
 }  // namespace detail
+
+// out (+)= x @ m on raw rows, without tensor views: x [rows, K] with rows xs apart, out [rows, N] with rows os apart,
+// unit column strides, m.size(0) == K. Runs where m takes the packed or the thin route (the loops' per-step
+// products at float32 on AVX-512 builds; GAM-RHN's thin ones) and returns true; returns false, computing nothing,
+// where the product needs a library route (at::mm, oneDNN), which takes tensors: the caller then makes the views.
+template <typename scalar_t, bool accumulate>
+inline bool rows_product(scalar_t* out, int64_t os, const scalar_t* x, int64_t xs, int64_t rows, const StepMatrix& s) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (s.p.defined()) {
+      detail::packed_rows_product<accumulate>(out, os, x, xs, rows, s);
+      return true;
+    }
+  }
+  if (s.thin != Thin::kNone && s.t.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
+    detail::thin_rows_product<scalar_t, accumulate>(out, os, x, xs, rows, s);
+    return true;
+  }
+  return false;
+}
 
 inline at::Tensor product(const at::Tensor& x, const StepMatrix& s) {
   return (*detail::linear_op())

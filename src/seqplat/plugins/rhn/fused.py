@@ -19,7 +19,7 @@ gate ``c = 1 - t`` is taken before the mask, so ``s' = h * (t * g) + s * (1 - t)
 which is the same line with ``h - s`` replaced by ``h * g - s``. Every line of
 :meth:`RHNRecurrence.backward` is the derivative of the forward line named beside it. ``hyper_rhn`` uses
 the same Function twice: for its hyper RHN (keeping every micro-layer's output, eq. H1) and for its
-main RHN, whose recurrent products are scaled by ``z`` (eq. H3). Tests compare both cells with their
+main RHN, whose recurrent products and input term are scaled by ``z`` (eq. H3). Tests compare both cells with their
 reference paths on outputs and on every gradient, and ``gradcheck`` the Function in float64.
 """
 
@@ -73,7 +73,8 @@ def rhn_loop_cpp(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mas
 
     The kept buffers are ``s_in [L, T, b, n]`` (as in :func:`rhn_loop`), ``a [L, T, b, 2n]`` holding
     ``[h | t]`` (not ``sigmoid(2 u_H)``: the C++ loop calls tanh), ``e [L, T, b, n]`` and with
-    ``scales`` ``rs [L, T, b, 2n]``; only :class:`RHNRecurrence`'s C++ backward reads them.
+    ``scales`` ``rs [L, T, b, 2n]`` (``v`` of :func:`rhn_loop`); only :class:`RHNRecurrence`'s C++ backward
+    reads them.
     """
     steps, b, n = xp.shape[0], xp.shape[1], weight_hh.shape[2]
     bufs = _loop_buffers(xp, weight_hh, keep, workspace, scales is not None)
@@ -94,12 +95,13 @@ def rhn_loop(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h:
     ``b^1``; ``weight_hh [L, 2n, n]``, ``bias_hh [L, 2n]``; ``mask_h [b, n]`` the (scaled) variational
     mask on the state entering every micro-layer's matmul; ``mask_g [T, L, b, n]`` the (scaled) gate
     dropout masks. ``scales [L, T, b, n]`` (``hyper_rhn``'s ``z^l_t``, eq. H3) scale both halves of
-    ``R^l s_in``: ``u = [z; z] * (s_in R^T) + b``.
+    ``v = s_in R^T``, in micro-layer 1 of ``v = s_in R^T + xp``: ``u = [z; z] * v + b`` (so ``xp`` is
+    ``W x_t`` alone there; ``hyper_rhn`` folds ``b_in`` into ``b^1``).
 
     Returns ``ys [T, b, n]`` (``s^L_t``), ``s^L_T`` and, with ``keep``, the per-step buffers for
     :meth:`RHNRecurrence.backward` (taken from ``workspace`` when given): ``s_in [L, T, b, n]``, the
     (masked) state entering micro-layer ``l``'s matmul; ``a [L, T, b, 2n]``, ``[sigmoid(2 u_H) | t]``;
-    ``e [L, T, b, n]``, ``h (* g) - s``; with ``scales`` also ``rs [L, T, b, 2n]``, ``s_in R^T``.
+    ``e [L, T, b, n]``, ``h (* g) - s``; with ``scales`` also ``rs [L, T, b, 2n]``, ``v``.
 
     R1 uses ``tanh(v) = 2 sigmoid(2 v) - 1``: with the H rows of the weights (or of the scales) and
     biases doubled once per call, one sigmoid over the whole ``[b, 2n]`` pre-activation gives R1 and
@@ -113,15 +115,18 @@ def rhn_loop(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h:
     def scratch(shape: tuple[int, ...]) -> Tensor:  # freed after the loop
         return workspace.take((shape,), xp)[0] if workspace is not None else xp.new_empty(shape)
 
-    xpb2 = torch.addcmul(bias2[0], xp, scale, out=scratch((steps, b, 2 * n)))  # layer 1: W x_t + b^1, H doubled
     if scales is None:
+        xpb2 = torch.addcmul(bias2[0], xp, scale, out=scratch((steps, b, 2 * n)))  # layer 1: W x_t + b^1, H doubled
+        u_in = [xpb2.unbind(0)]
         r_v = (weight_hh * scale[:, None]).transpose(1, 2).unbind(0)  # [n, 2n] each: (2 R_H ; R_T)^T
         z2 = None
-    else:  # the doubling goes on the scales: [2 z; z] * (s_in R^T)
+    else:  # the doubling goes on the scales: [2 z; z] * v; xp enters v
+        u_in = [[bias2[0]] * steps]
         r_v = weight_hh.transpose(1, 2).unbind(0)
         z2 = scratch((depth, steps, b, 2 * n))
         torch.mul(scales, 2.0, out=z2[..., :n])
         z2[..., n:].copy_(scales)
+    u_in += [[bias2[layer]] * steps for layer in range(1, depth)]
     z2_v = None if z2 is None else [v.unbind(0) for v in z2.unbind(0)]
     ys = xp.new_empty(steps, b, n)
     bufs = _loop_buffers(xp, weight_hh, keep, workspace, scales is not None)
@@ -133,7 +138,7 @@ def rhn_loop(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h:
     t_v = [v.unbind(0) for v in a_buf[..., n:].unbind(0)]  # t
     e_v = [v.unbind(0) for v in e_buf.unbind(0)]
     rs_v = None if scales is None else [v.unbind(0) for v in bufs[3].unbind(0)]
-    u_in = [xpb2.unbind(0)] + [[bias2[layer]] * steps for layer in range(1, depth)]
+    xp_v = xp.unbind(0)
     ys_v = ys.unbind(0)
     u = xp.new_empty(b, 2 * n)  # scratch for the pre-activations: stays in cache, unlike a slice of a_buf
     s = s0
@@ -148,7 +153,9 @@ def rhn_loop(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h:
                 torch.addmm(u_in[layer][step], s_in, r_v[layer], out=u)  # R1/R2 pre-activations (2 u_H ; u_T)
             else:
                 rs = torch.mm(s_in, r_v[layer], out=rs_v[layer][k])  # H3: R_l s^{l-1}
-                torch.addcmul(u_in[layer][step], rs, z2_v[layer][step], out=u)  # H3: [z; z] * (R s) + b
+                if layer == 0:
+                    rs.add_(xp_v[step])  # v = R_1 s + W x_t
+                torch.addcmul(u_in[layer][step], rs, z2_v[layer][step], out=u)  # H3: [z; z] * v + b
             torch.sigmoid(u, out=a_v[layer][k])  # [sigmoid(2 u_H) | t]: R2 for the T half (R3: c = 1 - t)
             e = torch.mul(ah_v[layer][k], 2.0, out=e_v[layer][k]).sub_(1.0)  # R1: h = 2 sigmoid(2 u_H) - 1
             if mask_g is not None:
@@ -161,9 +168,7 @@ def rhn_loop(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h:
             else:
                 s = torch.addcmul(s, t_v[layer][k], e)  # R4
     if workspace is not None:
-        workspace.give((xpb2,))
-        if z2 is not None:
-            workspace.give((z2,))
+        workspace.give((xpb2,) if scales is None else (z2,))
     if not keep:
         return ys, s, None
     if mask_h is None:  # the state entering micro-layer 1 is s_{t-1}: s0, then the outputs
@@ -284,16 +289,17 @@ class RHNRecurrence(torch.autograd.Function):
             flat_drs = flat_du if scales is None else drs[layer].view(steps * b, 2 * n)
             d_weight[layer].copy_(outer(flat_drs, s_in_buf[layer].view(steps * b, n)))
             torch.sum(flat_du, 0, out=d_bias[layer])  # b^l enters every step's u^l (b^1 through xp + b^1)
-            if d_scales is not None:  # H3: dL/dz = sum over the H and T halves of du * rs
+            if d_scales is not None:  # H3: dL/dz = sum over the H and T halves of du * v
                 _sum_halves_of_product(du[layer], ctx.buffers[3][layer], d_scales[layer])
+        # u^1_t = xp_t + b^1 + ... (dL/dxp = du^1), with scales u^1_t = [z; z] * (R s + xp_t) + b^1 (dL/dxp = drs^1)
+        dxp = du[0] if scales is None else drs[0].clone()
         if workspace is not None:
             if depth > 1:
                 workspace.give((du_rest,))
             if scales is not None:
                 workspace.give((drs,))
             ctx.ticket = workspace.give(ctx.buffers)
-        # u^1_t = xp_t + b^1 + ...: dL/dxp = du^1
-        return du[0], ds, d_weight, d_bias, None, None, None, d_scales, None, None
+        return dxp, ds, d_weight, d_bias, None, None, None, d_scales, None, None
 
     @staticmethod
     def _cpp_backward(ctx: Any, dys: Tensor | None, ds_out: Tensor | None, weight_hh: Tensor,
@@ -314,20 +320,24 @@ class RHNRecurrence(torch.autograd.Function):
             if workspace is not None:
                 ctx.ticket = workspace.give(ctx.buffers)
             return dxp, ds, d_weight, d_bias, None, None, None, None, None, None
-        shapes = ((depth, steps, b, 2 * n),) * 2
+        # du of every micro-layer and drs = du * [z; z] of micro-layers 2..L from the workspace; micro-layer 1's drs
+        # is dL/dxp (u^1 = [z; z] * (R s + xp) + b^1), handed to autograd, so a fresh tensor
+        shapes = ((depth, steps, b, 2 * n), (depth - 1, steps, b, 2 * n))
         scratch = workspace.take(shapes, e_buf) if workspace is not None else tuple(map(e_buf.new_empty, shapes))
-        du, drs = scratch
+        du, drs_rest = scratch
+        dxp = e_buf.new_empty(steps, b, 2 * n)
+        drs = [dxp, *drs_rest.unbind(0)]
+        d_scales = scales.new_empty(scales.shape)  # H3: dL/dz = du_H v_H + du_T v_T, in the loop
         ds_T = e_buf.new_zeros(b, n) if ds_out is None else ds_out
         ds = torch.ops.seqplat_rhn.backward(weight_hh.contiguous(), _contiguous(mask_h), _contiguous(mask_g),
-                                            _contiguous(scales), a_buf, e_buf, dys, ds_T, du, drs)
+                                            _contiguous(scales), a_buf, e_buf, dys, ds_T, du, drs, ctx.buffers[3],
+                                            d_scales)
         # weight gradients: one GEMM per micro-layer over all steps (rs = s_in R^T  =>  dR = drs^T s_in)
         # (seqplat::outer: on AVX-512 builds without copying both factors into oneDNN's tensor type)
-        flat_drs, flat_s = drs.view(depth, steps * b, 2 * n), s_in_buf.view(depth, steps * b, n)
-        d_weight = torch.stack([torch.ops.seqplat_rhn.outer(flat_drs[i], flat_s[i]) for i in range(depth)])
+        flat_s = s_in_buf.view(depth, steps * b, n)
+        d_weight = torch.stack([torch.ops.seqplat_rhn.outer(drs[i].view(steps * b, 2 * n), flat_s[i])
+                                for i in range(depth)])
         d_bias = du.view(depth, steps * b, 2 * n).sum(1)
-        # H3: dL/dz = sum over the H and T halves of du * rs
-        d_scales = _sum_halves_of_product(du, ctx.buffers[3], scales.new_empty(scales.shape))
-        dxp = du[0].clone()  # u^1_t = xp_t + b^1 + ...: dL/dxp = du^1 (du goes back to the workspace)
         if workspace is not None:
             workspace.give(scratch)
             ctx.ticket = workspace.give(ctx.buffers)

@@ -283,7 +283,7 @@ class HyperRHNCell(StepCell):
     def _explicit_backward_forward(self, x: Tensor, state: State, hyper_masks: Tensor | None) -> tuple[Tensor, State]:
         """:meth:`fast_forward` through :class:`~.fused.RHNRecurrence`: the hyper RHN keeping every
         micro-layer's output (eq. H1), all ``z^l_t`` in one batched matmul (eq. H2), then the main RHN
-        with its recurrent products scaled by ``z`` (eq. H3)."""
+        with its recurrent products and layer 1's input term scaled by ``z`` (eq. H3)."""
         sh, s = state
         c = self.config
         n, depth = c.hidden_size, c.depth
@@ -297,15 +297,13 @@ class HyperRHNCell(StepCell):
         sh_flat = sh_all.reshape(depth, steps * b, -1)
         z = torch.baddbmm(self.proj_bias.unsqueeze(1), sh_flat, self.proj_weight.transpose(1, 2))
         z = z.view(depth, steps, b, n)
-        # eq. H3, layer 1's input term for all steps: [z^1; z^1] * (W e_t) + b_in (b_1 is added inside). z^1 is
-        # computed again here from ŝ^1 (a [t*b, n̂] x [n̂, n] product): taking z[0] would make autograd fill a
-        # zero gradient the size of all of z for it
-        z1 = torch.addmm(self.proj_bias[0], sh_flat[0], self.proj_weight[0].t()).view(steps, b, 1, n)
-        wx = project_steps(x, self.weight_ih).view(steps, b, 2, n)
-        a0 = torch.addcmul(self.bias_ih.view(2, n), z1, wx).view(steps, b, 2 * n)
+        # eq. H3, layer 1: [z^1; z^1] * (R_1 s + W e_t) + b_1 + b_in. W e_t is hoisted unscaled; the loop scales it
+        # with R_1 s, and b_in joins b_1
+        wx = project_steps(x, self.weight_ih)
+        bias = torch.cat([(self.bias_hh[0] + self.bias_ih).unsqueeze(0), self.bias_hh[1:]])
         mask_g = step_dropout_masks(steps, depth, b, n, self._gate_p(), x)  # after the hyper masks, as in _step
-        ys, s = RHNRecurrence.apply(a0, s, self.weight_hh, self.bias_hh, None, mask_g, self._workspace, z, False,
-                                    resolve_backend(c.backend, a0))
+        ys, s = RHNRecurrence.apply(wx, s, self.weight_hh, bias, None, mask_g, self._workspace, z, False,
+                                    resolve_backend(c.backend, wx))
         return ys.transpose(0, 1), (sh, s)
 
     @torch.no_grad()

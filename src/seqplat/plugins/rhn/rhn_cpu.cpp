@@ -5,7 +5,7 @@
 // form), for micro-layer l = 1..L of step j, with s^0_j = s^L_{j-1}:
 //
 //     s_in = s^{l-1} * m_h                        (variational hidden mask, optional)
-//     u    = [u_H | u_T] = [z; z] * (s_in R_l^T) + b_l (+ xp_j for l = 1: W x_j, hoisted)
+//     u    = [u_H | u_T] = [z; z] * (s_in R_l^T (+ xp_j for l = 1: W x_j, hoisted)) + b_l
 //                                                 (z = z^l_j: hyper_rhn's scales, eq. H3; 1 for rhn)
 //     h    = tanh(u_H)                            (R1)
 //     t    = sigmoid(u_T)                         (R2)
@@ -17,7 +17,8 @@
 // backward walks the steps and micro-layers in reverse: one fused pass gives du = [du_H | du_T] and
 // ds through R4 itself, then one GEMM adds du R_l (times m_h). The weight gradients are one GEMM per
 // micro-layer over all steps (du^T s_in), the bias gradients sums: computed here by backward_grads (rhn),
-// by the caller after backward (hyper_rhn, whose scales multiply du first).
+// by the caller after backward (hyper_rhn, whose scales multiply du first). With scales the fused pass
+// also gives dL/dz = du_H * v_H + du_T * v_T (v = s_in R_l^T (+ xp), kept in rs), read where du is in cache.
 //
 // Buffers (caller-owned, so a Workspace can reuse them): s_in [L, K, B, n], a [L, K, B, 2n],
 // e [L, K, B, n] (and with scales rs [L, K, B, 2n] = s_in R_l^T) with K = T (training) or 1
@@ -45,21 +46,28 @@ using seqplat::sigmoid;
 
 // `rs` holds s_in R^T (it is `a` itself without scales); `a` gets [h | t]. Every pointer is valid (the
 // caller passes ones for absent scales and masks, zeros for xp above layer 1 and a scratch row block for
-// an unused s_in_next), so the loop has no branches and vectorizes, with the vector tanh/exp.
-template <typename scalar_t>
-void forward_cell(const scalar_t* rs, scalar_t* a, const scalar_t* z, const scalar_t* xp, const scalar_t* bias,
+// an unused s_in_next), so the loop has no branches and vectorizes, with the vector tanh/exp. With
+// keep_sum (scales, micro-layer 1) rs gets v = s_in R^T + xp, the factor of z whose product the backward
+// needs for dL/dz.
+template <typename scalar_t, bool keep_sum>
+void forward_cell(scalar_t* rs, scalar_t* a, const scalar_t* z, const scalar_t* xp, const scalar_t* bias,
                   const scalar_t* s, const scalar_t* g, const scalar_t* mask_h, scalar_t* e, scalar_t* s_out,
                   scalar_t* s_in_next, int64_t B, int64_t n) {
   for_rows(B, row_grain(2 * n, 8192), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* rr = rs + r * 2 * n;
+      scalar_t* rr = rs + r * 2 * n;
       scalar_t* ar = a + r * 2 * n;
       const scalar_t* xr = xp + r * 2 * n;
       const int64_t o_ = r * n;
 #pragma omp simd
       for (int64_t k = 0; k < n; ++k) {
-        const scalar_t uh = rr[k] * z[o_ + k] + bias[k] + xr[k];          // H3: [z; z] * (R s_in) + b
-        const scalar_t ut = rr[n + k] * z[o_ + k] + bias[n + k] + xr[n + k];
+        const scalar_t vh = rr[k] + xr[k], vt = rr[n + k] + xr[n + k];  // R s_in (+ W x for l = 1)
+        if constexpr (keep_sum) {
+          rr[k] = vh;
+          rr[n + k] = vt;
+        }
+        const scalar_t uh = vh * z[o_ + k] + bias[k];                    // H3: [z; z] * v + b
+        const scalar_t ut = vt * z[o_ + k] + bias[n + k];
         const scalar_t h = std::tanh(uh);                                // R1
         const scalar_t t = sigmoid(ut);                                  // R2
         const scalar_t sp = s[o_ + k];
@@ -76,10 +84,11 @@ void forward_cell(const scalar_t* rs, scalar_t* a, const scalar_t* z, const scal
 }
 
 // ds holds dL/ds^l on entry (d_out already added) and dL/ds^{l-1} through R4 alone on exit (the caller
-// adds drs R_l, times m_h); drs = du * [z; z] (it is du itself without scales)
-template <typename scalar_t>
-void backward_cell(const scalar_t* a, const scalar_t* e, const scalar_t* g, const scalar_t* z, scalar_t* ds,
-                   scalar_t* du, scalar_t* drs, int64_t B, int64_t n) {
+// adds drs R_l, times m_h); drs = du * [z; z] (it is du itself without scales). With scales, v (the rs
+// buffer: s_in R^T (+ xp)) gives dz = du_H v_H + du_T v_T.
+template <typename scalar_t, bool scaled>
+void backward_cell(const scalar_t* a, const scalar_t* e, const scalar_t* g, const scalar_t* z, const scalar_t* v,
+                   scalar_t* ds, scalar_t* du, scalar_t* drs, scalar_t* dz, int64_t B, int64_t n) {
   for_rows(B, row_grain(2 * n, 8192), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* ar = a + r * 2 * n;
@@ -96,8 +105,11 @@ void backward_cell(const scalar_t* a, const scalar_t* e, const scalar_t* g, cons
         const scalar_t dut = dsv * e[o_ + k] * t * (scalar_t(1) - t);    // R4 then R2: sigmoid'
         dur[k] = duh;
         dur[n + k] = dut;
-        drr[k] = duh * z[o_ + k];                                        // H3
-        drr[n + k] = dut * z[o_ + k];
+        if constexpr (scaled) {                                          // H3: u = [z; z] * v + b
+          drr[k] = duh * z[o_ + k];
+          drr[n + k] = dut * z[o_ + k];
+          dz[o_ + k] = duh * v[r * 2 * n + k] + dut * v[r * 2 * n + n + k];
+        }
         ds[o_ + k] = dsv - dte;                                          // ds'/ds = 1 - t
       }
     }
@@ -167,6 +179,7 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
     scalar_t* e_p = e.mutable_data_ptr<scalar_t>();
     scalar_t* ys_p = ys.mutable_data_ptr<scalar_t>();
     scalar_t* sc_p = scratch.mutable_data_ptr<scalar_t>();
+    scalar_t* rs_p = rs ? rs->mutable_data_ptr<scalar_t>() : nullptr;
     const scalar_t* xp_p = xp.const_data_ptr<scalar_t>();
     const scalar_t* b_p = b.const_data_ptr<scalar_t>();
     const int64_t s1 = B * n, s2 = 2 * B * n;
@@ -180,13 +193,18 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
       const int64_t k = K == T ? j : 0;
       for (int64_t l = 0; l < L; ++l) {
         const int64_t buf = l * K + k;  // [l, k] of the [L, K, ...] buffers
-        at::Tensor mm_lk = rs ? (*rs)[l][k] : a[l][k];
-        // s_in R_l^T: kept in rs for the backward (hyper scales), else read where it lands (a, or oneDNN's output)
-        at::Tensor prod = mm_lk;
-        if (rs) {
-          seqplat::mm_into(mm_lk, s_in[l][k], wf[l]);
-        } else {
-          prod = seqplat::mm_result(mm_lk, s_in[l][k], wf[l]);
+        // s_in R_l^T: kept in rs for the backward (hyper scales), else read where it lands (a, or oneDNN's output).
+        // On the packed and thin routes from raw pointers: tensor views cost about 1 us each, ~6 per micro-layer
+        scalar_t* prod_p = (rs_p != nullptr ? rs_p : a_p) + buf * s2;
+        at::Tensor prod;  // oneDNN's output, alive until forward_cell has read it
+        if (!seqplat::rows_product<scalar_t, false>(prod_p, 2 * n, si_p + buf * s1, n, B, wf[l])) {
+          at::Tensor mm_lk = rs ? (*rs)[l][k] : a[l][k];
+          if (rs) {
+            seqplat::mm_into(mm_lk, s_in[l][k], wf[l]);
+          } else {
+            prod = seqplat::mm_result(mm_lk, s_in[l][k], wf[l]);
+            prod_p = prod.mutable_data_ptr<scalar_t>();
+          }
         }
         scalar_t* s_out;
         scalar_t* s_in_next = nullptr;
@@ -198,11 +216,11 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
           s_out = mh == nullptr ? s_in_next : sc_p + (l % 2) * s1;
           if (mh == nullptr) s_in_next = nullptr;  // s_out is the next s_in already
         }
-        forward_cell<scalar_t>(prod.const_data_ptr<scalar_t>(), a_p + buf * s2,
-                               z_p != nullptr ? z_p + (l * T + j) * s1 : one_p,
-                               l == 0 ? xp_p + j * s2 : zero_p, b_p + l * 2 * n, s,
-                               mg != nullptr ? mg + (j * L + l) * s1 : one_p, mh != nullptr ? mh : one_p,
-                               e_p + buf * s1, s_out, s_in_next != nullptr ? s_in_next : sc_p + 2 * s1, B, n);
+        auto cell = rs && l == 0 ? forward_cell<scalar_t, true> : forward_cell<scalar_t, false>;
+        cell(prod_p, a_p + buf * s2, z_p != nullptr ? z_p + (l * T + j) * s1 : one_p,
+             l == 0 ? xp_p + j * s2 : zero_p, b_p + l * 2 * n, s, mg != nullptr ? mg + (j * L + l) * s1 : one_p,
+             mh != nullptr ? mh : one_p, e_p + buf * s1, s_out, s_in_next != nullptr ? s_in_next : sc_p + 2 * s1, B,
+             n);
         s = s_out;
       }
     }
@@ -210,17 +228,22 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
   return ys[T - 1].clone();
 }
 
-// The reverse loop: fills du_l[l] [T, B, 2n] for every micro-layer l (and drs_l[l] = du * [z; z] with scales)
-// and returns dL/ds0; d_out [L, T, B, n] (gradients at every micro-layer's output) or dys [T, B, n] (at the last
-// micro-layer's only)
+// The reverse loop: fills du_l[l] [T, B, 2n] for every micro-layer l (with scales also drs_l[l] = du * [z; z] and
+// dz [L, T, B, n], from v = rs [L, T, B, 2n]) and returns dL/ds0; d_out [L, T, B, n] (gradients at every
+// micro-layer's output) or dys [T, B, n] (at the last micro-layer's only)
 at::Tensor backward_loop(const at::Tensor& w, const std::optional<at::Tensor>& mask_h,
                          const std::optional<at::Tensor>& mask_g, const std::optional<at::Tensor>& scales,
                          const at::Tensor& a, const at::Tensor& e, const at::Tensor& d_out_in, const at::Tensor& ds_in,
-                         const std::vector<at::Tensor>& du_l, const std::vector<at::Tensor>& drs_l) {
+                         const std::vector<at::Tensor>& du_l, const std::vector<at::Tensor>& drs_l,
+                         const at::Tensor& v = {}, const at::Tensor& dz = {}) {
   const int64_t L = a.size(0), T = a.size(1), B = a.size(2), n = a.size(3) / 2;
-  const at::Tensor d_out = d_out_in.to(a.scalar_type()).contiguous();
+  // read in place when its rows are contiguous (a batch-first caller's gradient is a transposed view)
+  const at::Tensor d_out = d_out_in.scalar_type() == a.scalar_type() && d_out_in.dim() > 0 && d_out_in.stride(-1) == 1
+                               ? d_out_in
+                               : d_out_in.to(a.scalar_type()).contiguous();
   const bool all_layers = d_out.dim() == 4;
-  TORCH_CHECK(all_layers ? d_out.size(0) == L && d_out.size(1) == T : d_out.dim() == 3 && d_out.size(0) == T,
+  TORCH_CHECK((all_layers ? d_out.size(0) == L && d_out.size(1) == T : d_out.dim() == 3 && d_out.size(0) == T) &&
+                  d_out.size(-2) == B && d_out.size(-1) == n,
               "rhn: the output gradient must be [L, T, B, n] or [T, B, n]");
   at::Tensor ds = ds_in.to(a.scalar_type()).clone().contiguous();
   at::Tensor tmp = mask_h ? at::empty({B, n}, a.options()) : at::Tensor();
@@ -241,20 +264,34 @@ at::Tensor backward_loop(const at::Tensor& w, const std::optional<at::Tensor>& m
       for (int64_t l = L - 1; l >= 0; --l) {
         const int64_t buf = l * T + j;
         if (all_layers || l == L - 1) {  // this micro-layer's output is an output of the loop
-          const scalar_t* dop = do_p + (all_layers ? buf : j) * s1;
-          for (int64_t i = 0; i < s1; ++i) ds_p[i] += dop[i];
+          const scalar_t* dop = do_p + (all_layers ? l * d_out.stride(0) + j * d_out.stride(1) : j * d_out.stride(0));
+          const int64_t row_stride = d_out.stride(all_layers ? 2 : 1);
+          for (int64_t r = 0; r < B; ++r) {
+            for (int64_t i = 0; i < n; ++i) ds_p[r * n + i] += dop[r * row_stride + i];
+          }
         }
         const scalar_t* one_p = ones.const_data_ptr<scalar_t>();
         scalar_t* du_p = du_l[l].mutable_data_ptr<scalar_t>() + j * s2;
-        backward_cell<scalar_t>(a_p + buf * s2, e_p + buf * s1, mg != nullptr ? mg + (j * L + l) * s1 : one_p,
-                                z_p != nullptr ? z_p + buf * s1 : one_p, ds_p, du_p,
-                                scales ? drs_l[l].mutable_data_ptr<scalar_t>() + j * s2 : du_p, B, n);
-        const at::Tensor du_lj = reach[l][j];
-        if (mh == nullptr) {
-          seqplat::addmm_into(ds, du_lj, wb[l]);  // s_in = s: dL/ds += du R_l
+        const scalar_t* g_lj = mg != nullptr ? mg + (j * L + l) * s1 : one_p;
+        if (scales) {
+          backward_cell<scalar_t, true>(a_p + buf * s2, e_p + buf * s1, g_lj, z_p + buf * s1,
+                                        v.const_data_ptr<scalar_t>() + buf * s2, ds_p, du_p,
+                                        drs_l[l].mutable_data_ptr<scalar_t>() + j * s2,
+                                        dz.mutable_data_ptr<scalar_t>() + buf * s1, B, n);
         } else {
-          seqplat::mm_into(tmp, du_lj, wb[l]);  // s_in = s m_h: dL/ds += (du R_l) m_h
-          const scalar_t* tp = tmp.const_data_ptr<scalar_t>();
+          backward_cell<scalar_t, false>(a_p + buf * s2, e_p + buf * s1, g_lj, one_p, nullptr, ds_p, du_p, du_p,
+                                         nullptr, B, n);
+        }
+        const scalar_t* du_lj = reach[l].const_data_ptr<scalar_t>() + j * s2;
+        if (mh == nullptr) {  // s_in = s: dL/ds += du R_l
+          if (!seqplat::rows_product<scalar_t, true>(ds_p, n, du_lj, 2 * n, B, wb[l])) {
+            seqplat::addmm_into(ds, reach[l][j], wb[l]);
+          }
+        } else {  // s_in = s m_h: dL/ds += (du R_l) m_h
+          scalar_t* tp = tmp.mutable_data_ptr<scalar_t>();
+          if (!seqplat::rows_product<scalar_t, false>(tp, n, du_lj, 2 * n, B, wb[l])) {
+            seqplat::mm_into(tmp, reach[l][j], wb[l]);
+          }
           for (int64_t i = 0; i < s1; ++i) ds_p[i] += tp[i] * mh[i];
         }
       }
@@ -263,16 +300,33 @@ at::Tensor backward_loop(const at::Tensor& w, const std::optional<at::Tensor>& m
   return ds;
 }
 
-// fills the caller's du [L, T, B, 2n] (and drs = du * [z; z] with scales) and returns dL/ds0 (backward_loop)
+// fills the caller's du [L, T, B, 2n] and returns dL/ds0 (backward_loop). With scales also the caller's drs (one
+// [T, B, 2n] tensor per micro-layer: du * [z; z], micro-layer 1's is dL/dxp) and dz [L, T, B, n], reading v (the
+// rs buffer of the forward).
 at::Tensor rhn_backward(const at::Tensor& w, const std::optional<at::Tensor>& mask_h,
                         const std::optional<at::Tensor>& mask_g, const std::optional<at::Tensor>& scales,
                         const at::Tensor& a, const at::Tensor& e, const at::Tensor& d_out_in, const at::Tensor& ds_in,
-                        at::Tensor du, const std::optional<at::Tensor>& drs) {
+                        at::Tensor du, at::TensorList drs, const std::optional<at::Tensor>& v,
+                        const std::optional<at::Tensor>& dz) {
+  const int64_t L = a.size(0), T = a.size(1), B = a.size(2), n = a.size(3) / 2;
   TORCH_CHECK(du.sizes() == a.sizes() && du.is_contiguous(), "rhn: du must be a contiguous [L, T, B, 2n] buffer");
-  TORCH_CHECK(scales.has_value() == drs.has_value() && (!drs || (drs->sizes() == a.sizes() && drs->is_contiguous())),
-              "rhn: scales need a contiguous drs buffer shaped like du");
-  return backward_loop(w, mask_h, mask_g, scales, a, e, d_out_in, ds_in, du.unbind(0),
-                       drs ? drs->unbind(0) : std::vector<at::Tensor>());
+  if (!scales) {
+    TORCH_CHECK(drs.empty() && !v && !dz, "rhn: drs, v and dz go with scales");
+    return backward_loop(w, mask_h, mask_g, scales, a, e, d_out_in, ds_in, du.unbind(0), {});
+  }
+  TORCH_CHECK(scales->sizes() == at::IntArrayRef({L, T, B, n}) && scales->is_contiguous() &&
+                  scales->scalar_type() == a.scalar_type(),
+              "rhn: scales must be a contiguous [", L, ", ", T, ", ", B, ", ", n, "]");
+  TORCH_CHECK(static_cast<int64_t>(drs.size()) == L, "rhn: scales need one drs buffer per micro-layer");
+  for (const at::Tensor& d : drs) {
+    TORCH_CHECK(d.sizes() == at::IntArrayRef({T, B, 2 * n}) && d.is_contiguous() && d.scalar_type() == a.scalar_type(),
+                "rhn: every drs buffer must be a contiguous [", T, ", ", B, ", ", 2 * n, "]");
+  }
+  TORCH_CHECK(v && v->sizes() == a.sizes() && v->is_contiguous() && v->scalar_type() == a.scalar_type(),
+              "rhn: scales need v (the forward's rs buffer) shaped like a");
+  TORCH_CHECK(dz && dz->sizes() == scales->sizes() && dz->is_contiguous() && dz->scalar_type() == a.scalar_type(),
+              "rhn: scales need a contiguous dz buffer shaped like them");
+  return backward_loop(w, mask_h, mask_g, scales, a, e, d_out_in, ds_in, du.unbind(0), drs.vec(), *v, *dz);
 }
 
 // Without scales: the reverse loop, then the weight gradients. Each micro-layer's du is written into a oneDNN
@@ -315,7 +369,7 @@ TORCH_LIBRARY(seqplat_rhn, m) {
       "Tensor? scales, Tensor(a!) s_in, Tensor(b!) a, Tensor(c!) e, Tensor(d!) ys, Tensor(e!)? rs) -> Tensor");
   m.def(
       "backward(Tensor weight_hh, Tensor? mask_h, Tensor? mask_g, Tensor? scales, Tensor a, Tensor e, "
-      "Tensor grad_out, Tensor grad_sT, Tensor(a!) du, Tensor(b!)? drs) -> Tensor");
+      "Tensor grad_out, Tensor grad_sT, Tensor(a!) du, Tensor(b!)[] drs, Tensor? v, Tensor(c!)? dz) -> Tensor");
   m.def(
       "backward_grads(Tensor weight_hh, Tensor? mask_h, Tensor? mask_g, Tensor a, Tensor e, Tensor grad_out, "
       "Tensor grad_sT, Tensor s_in) -> (Tensor, Tensor, Tensor, Tensor)");
