@@ -176,7 +176,7 @@ def test_recurrence_gradcheck_float64(depth, masks, backend):
               if masks in ("gate", "both") else None)
 
     def fn(xp_, s0_, w_, b_):
-        return RHNRecurrence.apply(xp_, s0_, w_, b_, mask_h, mask_g, None, None, False, backend)
+        return RHNRecurrence.apply(xp_, s0_, w_, b_, mask_h, mask_g, None, None, None, None, False, backend)
 
     assert torch.autograd.gradcheck(fn, (xp, s0, w, bias), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -285,19 +285,23 @@ def test_two_graphs_alive_and_retain_graph():
 @pytest.mark.parametrize("variant", ["scales", "scales_gate", "all_layers", "all_layers_gate"])
 @pytest.mark.parametrize("depth", [1, 3])
 def test_recurrence_gradcheck_float64_hyper_variants(depth, variant, backend):
-    """The two uses by ``hyper_rhn``: scaled recurrent products (eq. H3) and every layer's output (eq. H2)."""
-    steps, b, n = 3, 2, 3
+    """The two uses by ``hyper_rhn``: recurrent products scaled by z = P s_hyper + p (eqs. H2, H3), whose
+    gradients reach the hyper states and P, p; and every layer's output (eq. H2's input)."""
+    steps, b, n, m = 3, 2, 3, 2
     dt = torch.float64
     xp, s0, w, bias = _gradcheck_inputs(depth, seed=1)
-    z = torch.randn(depth, steps, b, n, dtype=dt, requires_grad=True)
+    hyper = (torch.randn(depth, steps, b, m, dtype=dt, requires_grad=True),
+             torch.randn(depth, n, m, dtype=dt, requires_grad=True),
+             torch.randn(depth, n, dtype=dt, requires_grad=True))
     mask_g = torch.bernoulli(torch.full((steps, depth, b, n), 0.6, dtype=dt)) / 0.6 if "gate" in variant else None
-    inputs = (xp, s0, w, bias, z) if variant.startswith("scales") else (xp, s0, w, bias)
+    scaled = variant.startswith("scales")
+    inputs = (xp, s0, w, bias, *hyper) if scaled else (xp, s0, w, bias)
 
     needs_kernel(backend)
 
-    def fn(xp_, s0_, w_, b_, z_=None):
-        return RHNRecurrence.apply(xp_, s0_, w_, b_, None, mask_g, None, z_, variant.startswith("all_layers"),
-                                   backend)
+    def fn(xp_, s0_, w_, b_, *h):
+        h = h if scaled else (None, None, None)
+        return RHNRecurrence.apply(xp_, s0_, w_, b_, None, mask_g, None, *h, not scaled, backend)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -306,7 +310,7 @@ def test_all_layers_outputs_are_the_micro_layer_states():
     torch.manual_seed(0)
     xp, s0 = torch.randn(4, 2, 6), torch.randn(2, 3)
     w, bias = torch.randn(3, 6, 3), torch.randn(3, 6)
-    every, s_t = RHNRecurrence.apply(xp, s0, w, bias, None, None, None, None, True)
+    every, s_t = RHNRecurrence.apply(xp, s0, w, bias, None, None, None, None, None, None, True)
     ys, s_t2 = RHNRecurrence.apply(xp, s0, w, bias, None, None)
     assert every.shape == (3, 4, 2, 3)
     torch.testing.assert_close(every[-1], ys)
@@ -356,6 +360,24 @@ def test_hyper_explicit_backward_matches_reference_path(depth, opts, backend):
         assert_same(run_hyper(cell, x, state, fast=True), ref)
     assert_same(run_hyper(cell, x, state, fast=True, explicit=False), ref)
     assert all(g.abs().sum() > 0 for g in ref[2].values())
+
+
+def test_hyper_cpp_loop_with_rows_on_two_threads_matches_reference_path():
+    """Rows split over two threads: the C++ reverse pass sums the bias gradients per thread, then adds the rows.
+    A hyper width above the thin products' 32 sends eq. H2's products and their backward through the packed
+    route where the build has it."""
+    needs_kernel("cpp")
+    torch.manual_seed(0)
+    cell = build_cell({"name": "hyper_rhn", "hidden_size": 64, "hyper_size": 40, "depth": 2, "gate_dropout": 0.2,
+                       "backend": "cpp"}, 3).train()
+    x, state = torch.randn(160, 4, 3), (torch.randn(160, 40), torch.randn(160, 64))  # 160 rows: two chunks of 64+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast = run_hyper(cell, x, state, fast=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(fast, run_hyper(cell, x, state, fast=False), atol=1e-4)
 
 
 def test_hyper_state_carry_across_chunks_with_gradients():

@@ -280,11 +280,17 @@ inline int64_t onednn_min_rows(const at::Tensor& m) {
   return (kOnednnMinMacsAvx512 + m.numel() - 1) / m.numel();
 }
 
-// m prepared for the products of one call that runs `steps` steps
-inline StepMatrix prepare(const at::Tensor& m, int64_t steps) {
+// m prepared for the products of one call that runs `steps` steps. thin_ok = false keeps a thin m off the hand
+// loops where the packed route can take it: they are built for GAM-RHN's widths of about 10; at a K or N of 32 with
+// hundreds of columns on the other side the register blocks were several times faster (hyper_rhn's scales)
+inline StepMatrix prepare(const at::Tensor& m, int64_t steps, bool thin_ok = true) {
   StepMatrix s;
   s.m = m;
   const bool floating = m.scalar_type() == at::kFloat || m.scalar_type() == at::kDouble;
+  if (!thin_ok && detail::packed_can_run(m)) {
+    s.p = detail::pack_panels(m);
+    return s;
+  }
   if (detail::forced_route() == 0 && floating && m.device().is_cpu() && m.dim() == 2 && m.numel() > 0) {
     if (m.size(0) <= kThinMax) {
       s.thin = Thin::kInner;

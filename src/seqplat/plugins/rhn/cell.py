@@ -248,8 +248,8 @@ class RHNCell(StepCell):
             loop = rhn_loop_cpp if backend == "cpp" else rhn_loop
             ys, s, _ = loop(xp, state, w_hh, b_hh, masks.hidden, mask_g, keep=False)
         elif self.explicit_backward:
-            ys, s = RHNRecurrence.apply(xp, state, w_hh, b_hh, masks.hidden, mask_g, self._workspace, None, False,
-                                        backend)
+            ys, s = RHNRecurrence.apply(xp, state, w_hh, b_hh, masks.hidden, mask_g, self._workspace, None, None, None,
+                                        False, backend)
         else:
             ys, s = self._autograd_loop(xp, state, w_hh, b_hh, masks.hidden, mask_g)
         y = ys.transpose(0, 1)  # [b, t, n]

@@ -26,7 +26,7 @@ reference paths on outputs and on every gradient, and ``gradcheck`` the Function
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -50,17 +50,26 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+class HyperScales(NamedTuple):
+    """What ``hyper_rhn``'s scales are made of (eq. H2, ``z^l_t = P_l ŝ^l_t + p_l``): the hyper RHN's micro-layer
+    outputs ``states [L, T, b, m]``, ``weight [L, n, m]`` (``P_l``) and ``bias [L, n]`` (``p_l``)."""
+
+    states: Tensor
+    weight: Tensor
+    bias: Tensor
+
+
 def _loop_buffers(xp: Tensor, weight_hh: Tensor, keep: bool, workspace: Workspace | None,
                   scaled: bool) -> tuple[Tensor, ...]:
     """The per-step buffers of both loops: ``s_in [L, K, b, n]``, ``a [L, K, b, 2n]``, ``e [L, K, b, n]`` and,
-    ``scaled``, ``rs [L, K, b, 2n]``; ``K = T`` to keep every step (from ``workspace`` when given), else 1
-    (inference: one step's scratch, reused)."""
+    ``scaled``, ``rs [L, K, b, 2n]`` and ``z [L, K, b, n]``; ``K = T`` to keep every step (from ``workspace``
+    when given), else 1 (inference: one step's scratch, reused)."""
     steps, b = xp.shape[0], xp.shape[1]
     depth, n = weight_hh.shape[0], weight_hh.shape[2]
     k_steps = steps if keep else 1
     shapes = ((depth, k_steps, b, n), (depth, k_steps, b, 2 * n), (depth, k_steps, b, n))
     if scaled:
-        shapes += ((depth, k_steps, b, 2 * n),)
+        shapes += ((depth, k_steps, b, 2 * n), (depth, k_steps, b, n))
     if keep and workspace is not None:
         return workspace.take(shapes, xp)
     return tuple(xp.new_empty(shape) for shape in shapes)
@@ -68,40 +77,54 @@ def _loop_buffers(xp: Tensor, weight_hh: Tensor, keep: bool, workspace: Workspac
 
 def rhn_loop_cpp(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h: Tensor | None,
                  mask_g: Tensor | None, keep: bool, workspace: Workspace | None = None,
-                 scales: Tensor | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
-    """:func:`rhn_loop` in ``rhn_cpu.cpp``: one GEMM and one fused pass per micro-layer and step.
+                 hyper: HyperScales | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
+    """:func:`rhn_loop` in ``rhn_cpu.cpp``: one GEMM and one fused pass per micro-layer and step (with
+    ``hyper``, first the micro-layer's scales, one product ``[b, m] x [m, n]``).
 
     The kept buffers are ``s_in [L, T, b, n]`` (as in :func:`rhn_loop`), ``a [L, T, b, 2n]`` holding
     ``[h | t]`` (not ``sigmoid(2 u_H)``: the C++ loop calls tanh), ``e [L, T, b, n]`` and with
-    ``scales`` ``rs [L, T, b, 2n]`` (``v`` of :func:`rhn_loop`); only :class:`RHNRecurrence`'s C++ backward
-    reads them.
+    ``hyper`` ``rs [L, T, b, 2n]`` (``v`` of :func:`rhn_loop`) and ``z [L, T, b, n]``; only
+    :class:`RHNRecurrence`'s C++ backward reads them.
     """
     steps, b, n = xp.shape[0], xp.shape[1], weight_hh.shape[2]
-    bufs = _loop_buffers(xp, weight_hh, keep, workspace, scales is not None)
+    if hyper is not None and not keep:
+        raise ValueError("rhn: the scaled C++ loop keeps every step")
+    bufs = _loop_buffers(xp, weight_hh, keep, workspace, hyper is not None)
     ys = xp.new_empty(steps, b, n)
+    h = (None,) * 3 if hyper is None else tuple(v.contiguous() for v in hyper)
     s = torch.ops.seqplat_rhn.forward(xp.contiguous(), s0.contiguous(), weight_hh.contiguous(), bias_hh.contiguous(),
-                                      _contiguous(mask_h), _contiguous(mask_g), _contiguous(scales), *bufs[:3], ys,
-                                      bufs[3] if scales is not None else None)
+                                      _contiguous(mask_h), _contiguous(mask_g), *h, *bufs[:3], ys,
+                                      *(bufs[3:] if hyper is not None else (None, None)))
     return ys, s, (bufs if keep else None)
+
+
+def hyper_scales(hyper: HyperScales, out: Tensor | None = None) -> Tensor:
+    """Eq. H2 for every micro-layer and step: ``z [L, T, b, n]`` (into ``out`` when given)."""
+    depth, steps, b, m = hyper.states.shape
+    n = hyper.weight.shape[1]
+    z = hyper.states.new_empty(depth, steps, b, n) if out is None else out
+    torch.baddbmm(hyper.bias.unsqueeze(1), hyper.states.reshape(depth, steps * b, m), hyper.weight.transpose(1, 2),
+                  out=z.view(depth, steps * b, n))
+    return z
 
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # grad * y * (1 - y), into grad_input
 
 def rhn_loop(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h: Tensor | None,
              mask_g: Tensor | None, keep: bool, workspace: Workspace | None = None,
-             scales: Tensor | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
+             hyper: HyperScales | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
     """The forward loop of eqs. R1-R4 on plain tensors (no autograd).
 
     ``xp [T, b, 2n]`` is the hoisted input projection ``W x_t (+ b_in)`` of micro-layer 1 *without*
     ``b^1``; ``weight_hh [L, 2n, n]``, ``bias_hh [L, 2n]``; ``mask_h [b, n]`` the (scaled) variational
     mask on the state entering every micro-layer's matmul; ``mask_g [T, L, b, n]`` the (scaled) gate
-    dropout masks. ``scales [L, T, b, n]`` (``hyper_rhn``'s ``z^l_t``, eq. H3) scale both halves of
-    ``v = s_in R^T``, in micro-layer 1 of ``v = s_in R^T + xp``: ``u = [z; z] * v + b`` (so ``xp`` is
-    ``W x_t`` alone there; ``hyper_rhn`` folds ``b_in`` into ``b^1``).
+    dropout masks. With ``hyper`` the scales ``z [L, T, b, n]`` (``hyper_rhn``'s ``z^l_t``, eq. H2) scale
+    both halves of ``v = s_in R^T``, in micro-layer 1 of ``v = s_in R^T + xp``: ``u = [z; z] * v + b``
+    (eq. H3; so ``xp`` is ``W x_t`` alone there, and ``hyper_rhn`` folds ``b_in`` into ``b^1``).
 
     Returns ``ys [T, b, n]`` (``s^L_t``), ``s^L_T`` and, with ``keep``, the per-step buffers for
     :meth:`RHNRecurrence.backward` (taken from ``workspace`` when given): ``s_in [L, T, b, n]``, the
     (masked) state entering micro-layer ``l``'s matmul; ``a [L, T, b, 2n]``, ``[sigmoid(2 u_H) | t]``;
-    ``e [L, T, b, n]``, ``h (* g) - s``; with ``scales`` also ``rs [L, T, b, 2n]``, ``v``.
+    ``e [L, T, b, n]``, ``h (* g) - s``; with ``hyper`` also ``rs [L, T, b, 2n]``, ``v``, and ``z``.
 
     R1 uses ``tanh(v) = 2 sigmoid(2 v) - 1``: with the H rows of the weights (or of the scales) and
     biases doubled once per call, one sigmoid over the whole ``[b, 2n]`` pre-activation gives R1 and
@@ -115,6 +138,9 @@ def rhn_loop(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h:
     def scratch(shape: tuple[int, ...]) -> Tensor:  # freed after the loop
         return workspace.take((shape,), xp)[0] if workspace is not None else xp.new_empty(shape)
 
+    bufs = _loop_buffers(xp, weight_hh, keep, workspace, hyper is not None)
+    # eq. H2: the scales of every micro-layer and step, kept for the backward
+    scales = None if hyper is None else hyper_scales(hyper, bufs[4] if keep else None)
     if scales is None:
         xpb2 = torch.addcmul(bias2[0], xp, scale, out=scratch((steps, b, 2 * n)))  # layer 1: W x_t + b^1, H doubled
         u_in = [xpb2.unbind(0)]
@@ -129,7 +155,6 @@ def rhn_loop(xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h:
     u_in += [[bias2[layer]] * steps for layer in range(1, depth)]
     z2_v = None if z2 is None else [v.unbind(0) for v in z2.unbind(0)]
     ys = xp.new_empty(steps, b, n)
-    bufs = _loop_buffers(xp, weight_hh, keep, workspace, scales is not None)
     s_in_buf, a_buf, e_buf = bufs[:3]
     # per-step views made once (indexing inside the loop would cost a Python call each)
     s_in_v = [v.unbind(0) for v in s_in_buf.unbind(0)]
@@ -188,8 +213,9 @@ def _sum_halves_of_product(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
 class RHNRecurrence(torch.autograd.Function):
     """``(ys [T, b, n], s_T [b, n])`` from the hoisted input projection ``xp [T, b, 2n]`` and ``s0 [b, n]``.
 
-    Arguments as in :func:`rhn_loop`. Gradients are returned for ``xp``, ``s0``, ``weight_hh``,
-    ``bias_hh`` and ``scales``; the masks are constants. The weight gradient of the input projection
+    Arguments as in :func:`rhn_loop`, with ``hyper_states``, ``proj_weight`` and ``proj_bias`` the fields of its
+    :class:`HyperScales` (all three or none). Gradients are returned for ``xp``, ``s0``, ``weight_hh``,
+    ``bias_hh`` and those three; the masks are constants. The weight gradient of the input projection
     is then one GEMM in autograd's backward of the ``F.linear`` that made ``xp``. With ``all_layers``
     (no hidden mask) the first output is every micro-layer's output ``[L, T, b, n]`` (``hyper_rhn``
     projects each, eq. H2). With a ``workspace`` the saved buffers go back to it after the backward; a
@@ -199,19 +225,24 @@ class RHNRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, xp: Tensor, s0: Tensor, weight_hh: Tensor, bias_hh: Tensor, mask_h: Tensor | None,
-                mask_g: Tensor | None, workspace: Workspace | None = None, scales: Tensor | None = None,
-                all_layers: bool = False, backend: str = "python") -> tuple[Tensor, Tensor]:
+                mask_g: Tensor | None, workspace: Workspace | None = None, hyper_states: Tensor | None = None,
+                proj_weight: Tensor | None = None, proj_bias: Tensor | None = None, all_layers: bool = False,
+                backend: str = "python") -> tuple[Tensor, Tensor]:
         if all_layers and mask_h is not None:
             raise ValueError("all_layers needs mask_h=None (the kept states are the layer outputs)")
+        given = [v is not None for v in (hyper_states, proj_weight, proj_bias)]
+        if any(given) and not all(given):
+            raise ValueError("hyper_states, proj_weight and proj_bias go together")
+        hyper = HyperScales(hyper_states, proj_weight, proj_bias) if all(given) else None
         ctx.cpp = backend == "cpp"
         if ctx.cpp:
-            ys, s, saved = rhn_loop_cpp(xp, s0, weight_hh, bias_hh, mask_h, mask_g, True, workspace, scales)
+            ys, s, saved = rhn_loop_cpp(xp, s0, weight_hh, bias_hh, mask_h, mask_g, True, workspace, hyper)
         else:
-            ys, s, saved = rhn_loop(xp, s0, weight_hh, bias_hh, mask_h, mask_g, True, workspace, scales)
+            ys, s, saved = rhn_loop(xp, s0, weight_hh, bias_hh, mask_h, mask_g, True, workspace, hyper)
         ctx.buffers = saved  # not save_for_backward: the buffers are ours, nobody else writes them
         ctx.masks = (mask_h, mask_g)
-        ctx.workspace, ctx.ticket, ctx.all_layers = workspace, None, all_layers
-        ctx.save_for_backward(weight_hh, scales)
+        ctx.workspace, ctx.ticket, ctx.all_layers, ctx.hyper = workspace, None, all_layers, hyper is not None
+        ctx.save_for_backward(weight_hh, *(hyper if hyper is not None else ()))
         if all_layers:  # outputs of micro-layers 1..L-1 are the inputs of 2..L; copies, the buffers stay ours
             return torch.cat([saved[0][1:], ys.unsqueeze(0)]), s.clone()
         return ys, s.clone()  # s is ys[-1]: return a copy so the two outputs do not alias
@@ -225,12 +256,14 @@ class RHNRecurrence(torch.autograd.Function):
                 "rhn: a second backward through a graph whose saved buffers a later forward reused; set "
                 "cell.explicit_backward = False for this (retain_graph) use"
             )
-        weight_hh, scales = ctx.saved_tensors
+        weight_hh, *hyper_saved = ctx.saved_tensors
+        hyper = HyperScales(*hyper_saved) if ctx.hyper else None
         s_in_buf, a_buf, e_buf = ctx.buffers[:3]
         mask_h, mask_g = ctx.masks
         depth, steps, b, n = e_buf.shape
         if ctx.cpp:
-            return RHNRecurrence._cpp_backward(ctx, dys, ds_out, weight_hh, scales)
+            return RHNRecurrence._cpp_backward(ctx, dys, ds_out, weight_hh, hyper)
+        scales = None if hyper is None else ctx.buffers[4]  # z of every micro-layer and step (eq. H2)
 
         def scratch(shape: tuple[int, ...]) -> Tensor:
             return workspace.take((shape,), e_buf)[0] if workspace is not None else e_buf.new_empty(shape)
@@ -293,52 +326,65 @@ class RHNRecurrence(torch.autograd.Function):
                 _sum_halves_of_product(du[layer], ctx.buffers[3][layer], d_scales[layer])
         # u^1_t = xp_t + b^1 + ... (dL/dxp = du^1), with scales u^1_t = [z; z] * (R s + xp_t) + b^1 (dL/dxp = drs^1)
         dxp = du[0] if scales is None else drs[0].clone()
+        d_hyper = None if hyper is None else _hyper_grads(hyper, d_scales, (steps, b))
         if workspace is not None:
             if depth > 1:
                 workspace.give((du_rest,))
             if scales is not None:
                 workspace.give((drs,))
             ctx.ticket = workspace.give(ctx.buffers)
-        return dxp, ds, d_weight, d_bias, None, None, None, d_scales, None, None
+        return dxp, ds, d_weight, d_bias, None, None, None, *(d_hyper or (None,) * 3), None, None
 
     @staticmethod
     def _cpp_backward(ctx: Any, dys: Tensor | None, ds_out: Tensor | None, weight_hh: Tensor,
-                      scales: Tensor | None) -> tuple[Tensor | None, ...]:
+                      hyper: HyperScales | None) -> tuple[Tensor | None, ...]:
         """The reverse loop in ``rhn_cpu.cpp``. Without scales (rhn) the op computes the weight gradients too;
-        with them (hyper_rhn) they are computed here as in the python backward."""
+        with them (hyper_rhn) it gives the bias gradients, dL/dz and dL/ds_hyper, and the weight gradients are
+        computed here."""
         workspace: Workspace | None = ctx.workspace
         s_in_buf, a_buf, e_buf = ctx.buffers[:3]
         mask_h, mask_g = ctx.masks
         depth, steps, b, n = e_buf.shape
         if dys is None:
             dys = e_buf.new_zeros((depth, steps, b, n) if ctx.all_layers else (steps, b, n))
-        if scales is None:
+        ds_T = e_buf.new_zeros(b, n) if ds_out is None else ds_out
+        if hyper is None:
             # the loop and the weight gradients in one op: du goes where oneDNN reads it without a copy
-            ds_T = e_buf.new_zeros(b, n) if ds_out is None else ds_out
             ds, dxp, d_weight, d_bias = torch.ops.seqplat_rhn.backward_grads(
                 weight_hh.contiguous(), _contiguous(mask_h), _contiguous(mask_g), a_buf, e_buf, dys, ds_T, s_in_buf)
             if workspace is not None:
                 ctx.ticket = workspace.give(ctx.buffers)
-            return dxp, ds, d_weight, d_bias, None, None, None, None, None, None
-        # du of every micro-layer and drs = du * [z; z] of micro-layers 2..L from the workspace; micro-layer 1's drs
-        # is dL/dxp (u^1 = [z; z] * (R s + xp) + b^1), handed to autograd, so a fresh tensor
-        shapes = ((depth, steps, b, 2 * n), (depth - 1, steps, b, 2 * n))
+            return dxp, ds, d_weight, d_bias, None, None, None, None, None, None, None, None
+        # drs = du * [z; z] of micro-layers 2..L and dz from the workspace; micro-layer 1's drs is dL/dxp (u^1 =
+        # [z; z] * (R s + xp) + b^1) and d_states dL/ds_hyper, handed to autograd, so fresh tensors. The op sums du
+        # and dz into the bias gradients without storing du
+        shapes = ((depth - 1, steps, b, 2 * n), (depth, steps, b, n))
         scratch = workspace.take(shapes, e_buf) if workspace is not None else tuple(map(e_buf.new_empty, shapes))
-        du, drs_rest = scratch
+        drs_rest, dz = scratch
         dxp = e_buf.new_empty(steps, b, 2 * n)
         drs = [dxp, *drs_rest.unbind(0)]
-        d_scales = scales.new_empty(scales.shape)  # H3: dL/dz = du_H v_H + du_T v_T, in the loop
-        ds_T = e_buf.new_zeros(b, n) if ds_out is None else ds_out
-        ds = torch.ops.seqplat_rhn.backward(weight_hh.contiguous(), _contiguous(mask_h), _contiguous(mask_g),
-                                            _contiguous(scales), a_buf, e_buf, dys, ds_T, du, drs, ctx.buffers[3],
-                                            d_scales)
-        # weight gradients: one GEMM per micro-layer over all steps (rs = s_in R^T  =>  dR = drs^T s_in)
-        # (seqplat::outer: on AVX-512 builds without copying both factors into oneDNN's tensor type)
+        d_states = hyper.states.new_empty(hyper.states.shape)
+        ds, d_bias, d_proj_bias = torch.ops.seqplat_rhn.backward(
+            weight_hh.contiguous(), _contiguous(mask_h), _contiguous(mask_g), ctx.buffers[4],
+            hyper.weight.contiguous(), a_buf, e_buf, ctx.buffers[3], dys, ds_T, drs, dz, d_states)
+        # weight gradients: one GEMM per micro-layer over all steps (rs = s_in R^T  =>  dR = drs^T s_in; H2:
+        # z = P s_hyper + p  =>  dP = dz^T s_hyper), seqplat::outer: on AVX-512 builds without copying the factors
         flat_s = s_in_buf.view(depth, steps * b, n)
         d_weight = torch.stack([torch.ops.seqplat_rhn.outer(drs[i].view(steps * b, 2 * n), flat_s[i])
                                 for i in range(depth)])
-        d_bias = du.view(depth, steps * b, 2 * n).sum(1)
+        flat_dz, flat_h = dz.view(depth, steps * b, n), hyper.states.reshape(depth, steps * b, -1)
+        d_proj = torch.stack([torch.ops.seqplat_rhn.outer(flat_dz[i], flat_h[i]) for i in range(depth)])
         if workspace is not None:
             workspace.give(scratch)
             ctx.ticket = workspace.give(ctx.buffers)
-        return dxp, ds, d_weight, d_bias, None, None, None, d_scales, None, None
+        return dxp, ds, d_weight, d_bias, None, None, None, d_states, d_proj, d_proj_bias, None, None
+
+
+def _hyper_grads(hyper: HyperScales, d_scales: Tensor, rows: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. H2 backwards (``z = P s_hyper + p``) from ``dL/dz [L, T, b, n]``: the gradients of ``states``,
+    ``weight`` and ``bias`` of :class:`HyperScales`."""
+    depth, n = d_scales.shape[0], d_scales.shape[-1]
+    flat_dz = d_scales.view(depth, rows[0] * rows[1], n)
+    flat_h = hyper.states.reshape(depth, rows[0] * rows[1], -1)
+    d_states = torch.bmm(flat_dz, hyper.weight).view(hyper.states.shape)
+    return d_states, torch.bmm(flat_dz.transpose(1, 2), flat_h), flat_dz.sum(1)

@@ -282,8 +282,8 @@ class HyperRHNCell(StepCell):
 
     def _explicit_backward_forward(self, x: Tensor, state: State, hyper_masks: Tensor | None) -> tuple[Tensor, State]:
         """:meth:`fast_forward` through :class:`~.fused.RHNRecurrence`: the hyper RHN keeping every
-        micro-layer's output (eq. H1), all ``z^l_t`` in one batched matmul (eq. H2), then the main RHN
-        with its recurrent products and layer 1's input term scaled by ``z`` (eq. H3)."""
+        micro-layer's output (eq. H1), then the main RHN computing each ``z^l_t`` from them (eq. H2) and
+        scaling its recurrent products and layer 1's input term by it (eq. H3)."""
         sh, s = state
         c = self.config
         n, depth = c.hidden_size, c.depth
@@ -291,19 +291,15 @@ class HyperRHNCell(StepCell):
         # eq. H1, all steps: Ŵ e_t + b̂_in hoisted (b̂_1 is added inside), time major
         xp_hyper = project_steps(x, self.hyper_weight_ih, self.hyper_bias_ih)
         sh_all, sh = RHNRecurrence.apply(xp_hyper, sh, self.hyper_weight_hh, self.hyper_bias_hh, None, hyper_masks,
-                                         self._workspace, None, True,
+                                         self._workspace, None, None, None, True,
                                          resolve_backend(c.backend, xp_hyper))  # [d, t, b, n̂]
-        # eq. H2: z^l = P_l ŝ^l + p_l for every depth and step in one batched matmul
-        sh_flat = sh_all.reshape(depth, steps * b, -1)
-        z = torch.baddbmm(self.proj_bias.unsqueeze(1), sh_flat, self.proj_weight.transpose(1, 2))
-        z = z.view(depth, steps, b, n)
         # eq. H3, layer 1: [z^1; z^1] * (R_1 s + W e_t) + b_1 + b_in. W e_t is hoisted unscaled; the loop scales it
-        # with R_1 s, and b_in joins b_1
+        # with R_1 s, and b_in joins b_1. The loop computes every z^l_t (eq. H2) from ŝ^l_t itself
         wx = project_steps(x, self.weight_ih)
         bias = torch.cat([(self.bias_hh[0] + self.bias_ih).unsqueeze(0), self.bias_hh[1:]])
         mask_g = step_dropout_masks(steps, depth, b, n, self._gate_p(), x)  # after the hyper masks, as in _step
-        ys, s = RHNRecurrence.apply(wx, s, self.weight_hh, bias, None, mask_g, self._workspace, z, False,
-                                    resolve_backend(c.backend, wx))
+        ys, s = RHNRecurrence.apply(wx, s, self.weight_hh, bias, None, mask_g, self._workspace, sh_all,
+                                    self.proj_weight, self.proj_bias, False, resolve_backend(c.backend, wx))
         return ys.transpose(0, 1), (sh, s)
 
     @torch.no_grad()
