@@ -27,7 +27,9 @@ Parameters: hyper ``hyper_weight_ih [2n̂, d_in]`` (Ŵ), ``hyper_bias_ih [2n̂]`
 Reference path: ``step`` per time step. Fast path: the hyper RHN never reads the main state, so it
 runs first over all steps; then every ``z^l`` of every step comes from one matmul per depth, the
 input projections of both networks are hoisted, and the main loop iterates over ``unbind``. In
-training both loops run through the hand-written backward of :mod:`seqplat.plugins.rhn.fused`.
+training both loops run through the hand-written backward of :mod:`seqplat.plugins.rhn.fused`: there
+the main loop computes each ``z^l_t`` itself from the kept hyper states, just before the micro-layer
+that reads it, and scales layer 1's input term ``W e_t`` together with ``R_1 s`` (same equations).
 """
 
 from __future__ import annotations
