@@ -547,6 +547,21 @@ inline void addmm_into(at::Tensor& out, const at::Tensor& x, const StepMatrix& s
   }
 }
 
+// out (+)= x @ m for a loop that works on raw rows (as rows_product): on the library routes the rows are wrapped as
+// tensors here (at::from_blob, no copy) and go through mm_into / addmm_into, so callers make no views of their own
+template <typename scalar_t, bool accumulate>
+void product_rows(scalar_t* out, int64_t os, const scalar_t* x, int64_t xs, int64_t rows, const StepMatrix& s) {
+  if (rows_product<scalar_t, accumulate>(out, os, x, xs, rows, s)) return;
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value).device(at::kCPU);
+  const at::Tensor xt = at::from_blob(const_cast<scalar_t*>(x), {rows, s.m.size(0)}, {xs, 1}, options);
+  at::Tensor ot = at::from_blob(out, {rows, s.m.size(1)}, {os, 1}, options);
+  if constexpr (accumulate) {
+    addmm_into(ot, xt, s);
+  } else {
+    mm_into(ot, xt, s);
+  }
+}
+
 // a^T @ b for a [rows, m] and b [rows, n] (a weight gradient summed over all steps' rows): [m, n]. On CPUs
 // with AVX-512, float32 results of at least kOnednnMinOuter elements go through oneDNN's inner-product
 // backward-weights primitive, which reads both factors in their row layout (MKL's sgemm runs AVX2 on AMD

@@ -236,11 +236,10 @@ void gam_rhn_forward(const at::Tensor& xp_in, const at::Tensor& m0_in, const at:
     const int64_t BD = B * D, BN = B * N, BSN = B * SN;
     const int64_t HSW = 2 * D + H;  // hs width
     for (int64_t t = 0; t < T; ++t) {
-      const at::Tensor s_prev = t == 0 ? s0 : ys[t - 1];
-      const scalar_t* sp = s_prev.const_data_ptr<scalar_t>();
-      at::Tensor pre_t = pre[t];
-      seqplat::mm_into(pre_t, s_prev, m_s0);  // s_{t-1} W_s0
+      // the products read and write raw rows (seqplat::product_rows): no tensor views per step
+      const scalar_t* sp = t == 0 ? s0.const_data_ptr<scalar_t>() : ys_p + (t - 1) * BD;
       scalar_t* pre_tp = pre_p + t * B * P;
+      seqplat::product_rows<scalar_t, false>(pre_tp, P, sp, D, B, m_s0);  // s_{t-1} W_s0
       const scalar_t* xp_t = xp_p + t * B * (H + D + N);
       scalar_t* r_t = r_p + t * BD;
       scalar_t* u_t = u_p + t * BD;
@@ -265,11 +264,10 @@ _Pragma("omp simd")
           }
         }
       });
-      seqplat::mm_into(logits, pre_t.narrow(1, 2 * D, H), m_ad0);  // (2) h_w W_ad0
-      at::Tensor mbar_t = mbar[t];
-      seqplat::mm_into(mbar_t, u[t], m_ms);  // (3) u W_ms^T
-      // (2)-(4) and layer 1's read: both address softmaxes, m_bar, the write, xr^1
+      seqplat::product_rows<scalar_t, false>(lg_p, 2 * SN, pre_tp + 2 * D, P, B, m_ad0);  // (2) h_w W_ad0
       scalar_t* mbar_tp = mbar_p + t * BN;
+      seqplat::product_rows<scalar_t, false>(mbar_tp, N, u_t, D, B, m_ms);  // (3) u W_ms^T
+      // (2)-(4) and layer 1's read: both address softmaxes, m_bar, the write, xr^1
       scalar_t* mb_tp = mb_p + t * BN;
       const scalar_t* mg_t = mg_p + t * mg_step;
       const scalar_t* m_old = mem_p + t * BSN;
@@ -311,10 +309,9 @@ _Pragma("omp simd")
         int64_t gate_stride;
         const scalar_t* bhs_p = nullptr;
         if (i >= 1) {
-          at::Tensor hs_t = hs[i - 1][t];
-          seqplat::mm_into(hs_t, s_in[i][t], m_hs[i]);  // [gates | h_l] (gate bias in the pass below)
-          at::Tensor lg1 = logits.narrow(1, 0, SN);
-          seqplat::mm_into(lg1, hs_t.narrow(1, 2 * D, H), m_a[i]);
+          scalar_t* hs_tp = hs_p + ((i - 1) * T + t) * B * HSW;
+          seqplat::product_rows<scalar_t, false>(hs_tp, HSW, s_i, D, B, m_hs[i]);  // [gates | h_l] (gate bias below)
+          seqplat::product_rows<scalar_t, false>(lg_p, 2 * SN, hs_tp + 2 * D, HSW, B, m_a[i]);
           scalar_t* a_t = a_p + ((i - 1) * T + t) * BSN;
           const scalar_t* ba = W.b_a.const_data_ptr<scalar_t>();
           scalar_t* xr_t = xr_p + lt * BN;
@@ -331,7 +328,7 @@ _Pragma("omp simd")
           gate_src = pre_tp;
           gate_stride = P;
         }
-        seqplat::mm_into(xg, xr[i][t], m_xr[i]);  // xr [W_s | W_g]
+        seqplat::product_rows<scalar_t, false>(xg_p, 3 * D, xr_p + lt * BN, N, B, m_xr[i]);  // xr [W_s | W_g]
         scalar_t* g_t = g_p + lt * B * 2 * D;
         scalar_t* rs_t = rs_p + lt * BD;
         for_rows(B, row_grain(4 * D, kGrain), [&](int64_t b0, int64_t b1) {
@@ -351,7 +348,7 @@ _Pragma("omp simd")
             for (int64_t k = 0; k < D; ++k) rs_t[b * D + k] = gr[k] * s[k];
           }
         });
-        seqplat::mm_into(cp, rs[i][t], m_cs[i]);  // rs W_cs
+        seqplat::product_rows<scalar_t, false>(cp_p, D, rs_t, D, B, m_cs[i]);  // rs W_cs
         const scalar_t* bc = W.b_c.const_data_ptr<scalar_t>();
         const scalar_t* mr_t = mr_p + (t * L + i) * mr_step;
         scalar_t* y_t = y_p + lt * BD;
@@ -459,7 +456,6 @@ std::tuple<at::Tensor, at::Tensor> gam_rhn_backward(const at::Tensor& dys_in, co
         const int64_t lt = i * T + t;
         scalar_t* dg_t = i == 0 ? dg0_t : dgl_p + ((i - 1) * T + t) * B * WL;
         const int64_t wd = i == 0 ? W0 : WL;
-        at::Tensor dg_view = i == 0 ? dg0[t] : dgl[i - 1][t];
         const scalar_t* g_t = g_p + lt * B * 2 * D;
         const scalar_t* y_t = y_p + lt * BD;
         const scalar_t* sh_t = sh_p + lt * BD;
@@ -480,7 +476,7 @@ _Pragma("omp simd")
             }
           }
         });
-        seqplat::mm_into(drs, dg_view.narrow(1, 0, D), d_cs[i]);  // v = rs W_cs + ...
+        seqplat::product_rows<scalar_t, false>(drs_p, D, dg_t, wd, B, d_cs[i]);  // v = rs W_cs + ...
         // rs = r^l s_prev, r^l = sigmoid(.)
         for_rows(B, row_grain(4 * D, kGrain), [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
@@ -495,7 +491,7 @@ _Pragma("omp simd")
             }
           }
         });
-        seqplat::mm_into(dxr, dg_view.narrow(1, 0, 3 * D), d_xr[i]);  // xr feeds v, r^l and z^l
+        seqplat::product_rows<scalar_t, false>(dxr_p, N, dg_t, wd, B, d_xr[i]);  // xr feeds v, r^l and z^l
         // xr = sum_k a m_t: dm += dxr a; the address a = SoG(logits) gets dxr m_t
         const scalar_t* a_t = i == 0 ? a0_p + t * 2 * BSN + SN : a_p + ((i - 1) * T + t) * BSN;
         scalar_t* da_t = i == 0 ? da0_t + SN : da_p + ((i - 1) * T + t) * BSN;
@@ -526,10 +522,10 @@ _Pragma("omp simd")
           }
         });
         if (i >= 1) {
-          at::Tensor da_v = da[i - 1][t].view({B, SN});
-          at::Tensor dhl = dg_view.narrow(1, 3 * D, H);
-          seqplat::mm_into(dhl, da_v, d_a[i]);          // a = SoG(h_l W_a + b_a)
-          seqplat::addmm_into(ds, dg_view.narrow(1, D, 2 * D + H), d_hs[i]);  // [gates | h_l] = s_prev W_hs + b_hs
+          const scalar_t* da_v = da_p + ((i - 1) * T + t) * BSN;
+          seqplat::product_rows<scalar_t, false>(dg_t + 3 * D, wd, da_v, SN, B, d_a[i]);  // a = SoG(h_l W_a + b_a)
+          // [gates | h_l] = s_prev W_hs + b_hs
+          seqplat::product_rows<scalar_t, true>(ds_p, D, dg_t + D, wd, B, d_hs[i]);
         }
       }
       // (4) m_t = m + a_w (mb - m); (3) mb = tanh(.) (* mask); the write address's softmax
@@ -574,8 +570,7 @@ _Pragma("omp simd")
           for (int64_t g = 0; g < N; ++g) dzm[g] *= (scalar_t(1) - mv[g] * mv[g]) * mgr[g];
         }
       });
-      at::Tensor dg0_v = dg0[t];
-      seqplat::mm_into(du, dg0_v.narrow(1, 4 * D + H, N), d_ms);  // u = r * s_{t-1}
+      seqplat::product_rows<scalar_t, false>(du_p, D, dg0_t + 4 * D + H, W0, B, d_ms);  // u = r * s_{t-1}
       const scalar_t* r_t = r_p + t * BD;
       const scalar_t* s_t = si_p + t * BD;  // s_in[0][t] = s_{t-1}
       for_rows(B, row_grain(4 * D, kGrain), [&](int64_t b0, int64_t b1) {
@@ -590,9 +585,9 @@ _Pragma("omp simd")
           }
         }
       });
-      at::Tensor dhw = dg0_v.narrow(1, 3 * D, H);
-      seqplat::mm_into(dhw, da0[t].view({B, 2 * SN}), d_ad0);  // (1)-(2): logits = h_w W_ad0 + b_ad0
-      seqplat::addmm_into(ds, dg0_v.narrow(1, D, P), d_s0);            // pre = s_{t-1} W_s0 + ...
+      // (1)-(2): logits = h_w W_ad0 + b_ad0; pre = s_{t-1} W_s0 + ...
+      seqplat::product_rows<scalar_t, false>(dg0_t + 3 * D, W0, da0_t, 2 * SN, B, d_ad0);
+      seqplat::product_rows<scalar_t, true>(ds_p, D, dg0_t + D, W0, B, d_s0);
     }
   });
   return {dm, ds};
