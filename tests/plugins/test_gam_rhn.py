@@ -712,6 +712,6 @@ def test_explicit_backward_gradcheck_float64_with_dropout_masks():
     mask_r = (torch.rand(steps, depth, b, d, dtype=torch.float64) > 0.3).double() / 0.7
 
     def fn(xp_, m_, s_, *ws):
-        return GAMRHNRecurrence.apply(xp_, m_, s_, mask_g, mask_r, (h, d, n, slots, depth), None, *ws)
+        return GAMRHNRecurrence.apply(xp_, None, None, m_, s_, mask_g, mask_r, (h, d, n, slots, depth), None, *ws)
 
     assert torch.autograd.gradcheck(fn, (xp, m0, s0, *weights), eps=1e-6, atol=1e-6, rtol=1e-4)

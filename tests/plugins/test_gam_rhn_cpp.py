@@ -61,7 +61,8 @@ def function_inputs(depth: int, masks: str, *, h: int = 2, d: int = 3, n: int = 
 def run_function(backend: str, inputs, weights, masks, dims, workspace=None, seed: int = 1):
     """Outputs of the Function and the gradients of a random linear loss on all three, for every input."""
     leaves = [v.detach().clone().requires_grad_(True) for v in (*inputs, *weights)]
-    ys, m, s = GAMRHNRecurrence.apply(*leaves[:3], *masks, (*dims, backend), workspace, *leaves[3:])
+    ys, m, s = GAMRHNRecurrence.apply(leaves[0], None, None, *leaves[1:3], *masks, (*dims, backend), workspace,
+                                      *leaves[3:])
     g = torch.Generator().manual_seed(seed)
     loss = sum((v * torch.randn(v.shape, generator=g).to(v.dtype)).sum() for v in (ys, m, s))
     loss.backward()
@@ -111,9 +112,29 @@ def test_cpp_recurrence_gradcheck_float64(depth, masks):
     inputs, weights, (mask_g, mask_r), dims = function_inputs(depth, masks)
 
     def fn(*args):
-        return GAMRHNRecurrence.apply(*args[:3], mask_g, mask_r, (*dims, "cpp"), None, *args[3:])
+        return GAMRHNRecurrence.apply(args[0], None, None, *args[1:3], mask_g, mask_r, (*dims, "cpp"), None, *args[3:])
 
     assert torch.autograd.gradcheck(fn, (*inputs, *weights), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("depth", [1, 2])
+def test_recurrence_projecting_its_inputs_gradcheck_float64(depth, backend):
+    """With ``w_x`` and ``b_x`` the Function makes ``xp = x w_x^T + b_x`` itself and its backward reads dL/dxp in
+    place: the gradients of the input rows, ``w_x`` and ``b_x`` against finite differences."""
+    needs_kernel(backend)
+    inputs, weights, (mask_g, mask_r), dims = function_inputs(depth, "both")
+    h, d, n, slots, _ = dims
+    g = torch.Generator().manual_seed(5)
+    steps, b, d_in = 3, 2, 4
+    x_rows = torch.randn(steps * b, d_in, generator=g, dtype=torch.float64).requires_grad_(True)
+    w_x = (0.5 * torch.randn(h + d + n, d_in, generator=g, dtype=torch.float64)).requires_grad_(True)
+    b_x = torch.randn(h + d + n, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    def fn(x_, w_, b_, *args):
+        return GAMRHNRecurrence.apply(x_, w_, b_, *args[:2], mask_g, mask_r, (*dims, backend), None, *args[2:])
+
+    assert torch.autograd.gradcheck(fn, (x_rows, w_x, b_x, *inputs[1:], *weights), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 def make(backend: str, **options) -> GAMRHNCell:
@@ -220,7 +241,7 @@ def test_backend_resolution_and_fallback(monkeypatch):
         fused.resolve_backend("cpp", x.half())
     calls = []
     apply = GAMRHNRecurrence.apply
-    monkeypatch.setattr(GAMRHNRecurrence, "apply", lambda *a: calls.append(a[5]) or apply(*a))
+    monkeypatch.setattr(GAMRHNRecurrence, "apply", lambda *a: calls.append(a[7]) or apply(*a))
     cell = make("auto", depth=2)
     y, (m, s) = cell(torch.randn(2, 4, 3))  # auto -> the python loop, same Function
     (y.sum() + m.sum() + s.sum()).backward()

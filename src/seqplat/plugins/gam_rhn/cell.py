@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from seqplat import StepCell
 from seqplat.core.cell import State
-from seqplat.core.gemm import project_steps
+from seqplat.core.gemm import projection, time_major_rows
 from seqplat.core.workspace import Workspace
 
 from .config import GAMRHNConfig
@@ -223,8 +223,8 @@ class GAMRHNCell(StepCell):
         # x_t parts of W_hw, W_r, W_m for every step in one matmul: columns [h_w | r | m_bar], [t, b, H+D+N]
         w_x = torch.cat([self.write_head[:, :d_in], self.reset_weight[:, :d_in], self.value_weight[:, :d_in]])
         b_x = torch.cat([self.reset_bias.new_zeros(h), self.reset_bias, self.value_bias])
-        xp = project_steps(x, w_x, b_x)
-        backend = resolve_backend(cfg.backend, xp)
+        x_rows = time_major_rows(x)
+        backend = resolve_backend(cfg.backend, x)
 
         def dense(w: Tensor) -> Tensor:  # the C++ loop takes the [out, in] views as they are (MKL is faster so)
             return w if backend == "cpp" else w.contiguous()
@@ -254,8 +254,9 @@ class GAMRHNCell(StepCell):
                             address_bias(lay.read_address_bias)]
 
         m = m.reshape(b, n, S).transpose(1, 2).contiguous()  # inside the loop: [b, S slots, N groups]
-        if self.explicit_backward and torch.is_grad_enabled():
-            return self._explicit_backward_forward(xp, m, s, weights, backend)
+        if self.explicit_backward and torch.is_grad_enabled():  # the Function projects x itself
+            return self._explicit_backward_forward(x_rows, w_x, b_x, m, s, weights, backend)
+        xp = projection(x_rows, w_x, b_x).view(steps, b, -1)
         if backend == "cpp" and not torch.is_grad_enabled():  # the C++ loop, nothing kept for a backward
             mask_g, mask_r = self._draw_masks(steps, b, xp)
             ys, m, s, _, _ = gam_rhn_loop_cpp(xp, m, s, mask_g, mask_r, (h, d, n, S, cfg.depth), weights)
@@ -313,17 +314,19 @@ class GAMRHNCell(StepCell):
                         mask_r[t, i] = F.dropout(ones_r, cfg.rhn_dropout, True)
         return mask_g, mask_r
 
-    def _explicit_backward_forward(self, xp: Tensor, m: Tensor, s: Tensor, weights: list[Tensor],
-                                   backend: str = "python") -> tuple[Tensor, State]:
+    def _explicit_backward_forward(self, x_rows: Tensor, w_x: Tensor, b_x: Tensor, m: Tensor, s: Tensor,
+                                   weights: list[Tensor], backend: str = "python") -> tuple[Tensor, State]:
         """The same recurrence through :class:`~.fused.GAMRHNRecurrence` (hand-written backward, one
-        weight-gradient GEMM per matrix; its loops in C++ with ``backend == "cpp"``). Dropout masks are
-        drawn up front in the reference order."""
+        weight-gradient GEMM per matrix; its loops in C++ with ``backend == "cpp"``), which also makes the
+        ``x_t`` projections from the time-major rows ``x_rows``. Dropout masks are drawn up front in the
+        reference order."""
         cfg, S = self.config, self.slots
-        steps, b = xp.shape[0], xp.shape[1]
+        b = s.shape[0]
+        steps = x_rows.shape[0] // b
         d, n = cfg.hidden_size, cfg.groups
-        mask_g, mask_r = self._draw_masks(steps, b, xp)
+        mask_g, mask_r = self._draw_masks(steps, b, x_rows)
         dims = (cfg.head_size, d, n, S, cfg.depth, backend)
-        ys, m, s = GAMRHNRecurrence.apply(xp, m, s, mask_g, mask_r, dims, self.workspace, *weights)
+        ys, m, s = GAMRHNRecurrence.apply(x_rows, w_x, b_x, m, s, mask_g, mask_r, dims, self.workspace, *weights)
         return ys.transpose(0, 1), (m.transpose(1, 2).reshape(b, n * S), s)
 
     def train(self, mode: bool = True) -> GAMRHNCell:

@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import CppKernel
-from seqplat.core.gemm import outer
+from seqplat.core.gemm import onednn_linear, outer, projection_uses_onednn
 from seqplat.core.workspace import Workspace
 
 _aten = torch.ops.aten
@@ -148,11 +148,24 @@ def _layer_weights(weights: tuple[Tensor, ...], depth: int) -> list[dict[str, Te
     return out
 
 
+def _project(x_rows: Tensor, w_x: Tensor, b_x: Tensor) -> Tensor:
+    """``x_rows @ w_x^T + b_x`` without autograd (oneDNN's inner product where :func:`projection` takes it)."""
+    if projection_uses_onednn(x_rows, w_x):
+        return onednn_linear(x_rows.contiguous(), w_x.contiguous(), b_x.contiguous())
+    return torch.addmm(b_x, x_rows, w_x.t())
+
+
 class GAMRHNRecurrence(torch.autograd.Function):
     """``(ys [T, b, D], m_T [b, S, N], s_T [b, D])`` from the hoisted input projections ``xp [T, b, H+D+N]``.
 
     ``xp`` holds the ``x_t`` parts (and biases) of the write head, the reset gate and the written value,
-    in that column order. The memory is held slot-major, ``[b, S, N]``, and the address matrices'
+    in that column order. With ``w_x [H+D+N, in]`` and ``b_x`` given, the first argument is instead the
+    inputs as time-major rows ``[T*b, in]`` and the Function computes ``xp = x w_x^T + b_x`` itself: its
+    backward then reads ``dL/dxp`` where the reverse loop left it (a column block of its gradient buffer)
+    for the gradients of ``x``, ``w_x`` and ``b_x``, with no copy of it (``seqplat::outer`` on the C++
+    path). Without them the gradient of ``xp`` is returned as a tensor of its own.
+
+    The memory is held slot-major, ``[b, S, N]``, and the address matrices'
     columns are ordered to match (slot k of group g at column ``k*N + g``): the grouped softmax then
     runs over dim 1 with the groups contiguous, which torch computes some 10x faster than a softmax
     over a last dim of size S.
@@ -171,7 +184,8 @@ class GAMRHNRecurrence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, xp: Tensor, m0: Tensor, s0: Tensor, mask_g: Tensor | None, mask_r: Tensor | None,
+    def forward(ctx: Any, xp: Tensor, w_x: Tensor | None, b_x: Tensor | None, m0: Tensor, s0: Tensor,
+                mask_g: Tensor | None, mask_r: Tensor | None,
                 dims: tuple[int, int, int, int, int] | tuple[int, int, int, int, int, str],
                 workspace: Workspace | None, *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ctx.cpp = len(dims) > 5 and dims[5] == "cpp"
@@ -179,7 +193,15 @@ class GAMRHNRecurrence(torch.autograd.Function):
         h, d, n, slots, depth = dims
         ctx.workspace, ctx.mark = workspace, None
         ctx.dims, ctx.masks = dims, (mask_g, mask_r)
-        ctx.save_for_backward(*weights)
+        ctx.projected = w_x is not None
+        if ctx.projected:  # xp = x w_x^T + b_x here; the backward reads dL/dxp in place
+            if b_x is None:
+                raise ValueError("gam_rhn: w_x needs b_x")
+            x_rows = xp
+            xp = _project(x_rows, w_x, b_x).view(-1, s0.shape[0], w_x.shape[0])
+            ctx.save_for_backward(*weights, x_rows, w_x)
+        else:
+            ctx.save_for_backward(*weights)
         if ctx.cpp:
             ys, m_T, s_T, ctx.flat, ctx.buf = gam_rhn_loop_cpp(xp, m0, s0, mask_g, mask_r, dims, weights, workspace)
             return ys, m_T, s_T
@@ -261,7 +283,7 @@ class GAMRHNRecurrence(torch.autograd.Function):
                 "cell.explicit_backward = False for this (retain_graph) use"
             )
         h, d, n, slots, depth = ctx.dims
-        weights = ctx.saved_tensors
+        weights = ctx.saved_tensors[:-2] if ctx.projected else ctx.saved_tensors
         w_s0, _, w_ms, w_ad0, _ = weights[:5]
         layer_w = _layer_weights(weights, depth)
         mask_g, mask_r = ctx.masks
@@ -369,11 +391,25 @@ class GAMRHNRecurrence(torch.autograd.Function):
             torch.mm(da0_v[t].view(b, 2 * sn), w_ad0_t, out=dhw_v[t])  # (1) d h_w
             ds = torch.addmm(ds, dpre_v[t], w_s0_t)  # pre = s_{t-1} W_s0 + ...
         grads = _weight_grads(buf, sb, ctx.dims, steps, b)
-        dxp = dg0[..., 3 * d :].clone()  # handed to autograd: not a view of a workspace buffer
+        dx = GAMRHNRecurrence._input_grads(ctx, dg0[..., 3 * d :], outer)
         if workspace is not None:
             workspace.give((sflat,))
             ctx.mark = workspace.give((ctx.flat,))
-        return (dxp, dm, ds, None, None, None, None, *grads)
+        return (*dx, dm, ds, None, None, None, None, *grads)
+
+    @staticmethod
+    def _input_grads(ctx: Any, dxp: Tensor, outer_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor | None, ...]:
+        """The gradients of the first three inputs from ``dxp [T, b, H+D+N]``, a view of the gradient buffer:
+        ``(dx, dw_x, db_x)`` when the Function projected, else ``(dxp, None, None)`` with ``dxp`` copied (the
+        buffer goes back to the workspace)."""
+        if not ctx.projected:
+            return dxp.clone(), None, None
+        x_rows, w_x = ctx.saved_tensors[-2:]
+        rows = dxp.view(-1, dxp.shape[-1])  # [T*b, H+D+N], rows 3D+H+D+N apart
+        dx = torch.mm(rows, w_x) if ctx.needs_input_grad[0] else None
+        dw = outer_fn(rows, x_rows) if ctx.needs_input_grad[1] else None
+        db = rows.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, dw, db
 
     @staticmethod
     def _cpp_backward(ctx: Any, dys: Tensor, dm_out: Tensor, ds_out: Tensor,
@@ -393,11 +429,11 @@ class GAMRHNRecurrence(torch.autograd.Function):
             dys, dm_out, ds_out, _contiguous(mask_g), _contiguous(mask_r), list(weights),
             _cpp_buffers(ctx.buf, empty), [sb["dg0"], sb["da0"], sb.get("dgl", empty), sb.get("da", empty)])
         grads = _weight_grads(ctx.buf, sb, ctx.dims, steps, b, torch.ops.seqplat_gam_rhn.outer)
-        dxp = sb["dg0"][..., 3 * d :].clone()  # handed to autograd: not a view of a workspace buffer
+        dx = GAMRHNRecurrence._input_grads(ctx, sb["dg0"][..., 3 * d :], torch.ops.seqplat_gam_rhn.outer)
         if workspace is not None:
             workspace.give((sflat,))
             ctx.mark = workspace.give((ctx.flat,))
-        return (dxp, dm, ds, None, None, None, None, *grads)
+        return (*dx, dm, ds, None, None, None, None, *grads)
 
 
 def _weight_grads(buf: dict[str, Tensor], sb: dict[str, Tensor], dims: tuple, steps: int, b: int,
