@@ -1,4 +1,4 @@
-"""``seqplat.core.gemm.outer``: the weight-gradient product ``a^T @ b`` on MKL or oneDNN."""
+"""``seqplat.core.gemm.outer``: the weight-gradient product ``a^T @ b`` on MKL, oneDNN or the packed blocks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 
 
 @needs_onednn
-@pytest.mark.parametrize("route", ["mm", "onednn", "auto"])
+@pytest.mark.parametrize("route", ["mm", "onednn", "packed", "auto"])
 @pytest.mark.parametrize("shape", [(37, 5, 9), (300, 600, 520), (64, 1024, 256)])
 def test_outer_matches_the_float64_product_on_every_route(route, shape, monkeypatch):
     monkeypatch.setenv("SEQPLAT_STEP_GEMM", route)
@@ -37,6 +37,26 @@ def test_outer_routes(monkeypatch):
     small = torch.randn(8, 16)
     assert not gemm.outer_uses_onednn(small, small)  # below ONEDNN_MIN_OUTER
     assert gemm.outer_uses_onednn(a.detach(), b) == gemm.cpu_has_avx512()
+
+
+def test_outer_takes_the_packed_kernel_where_it_is_built(monkeypatch):
+    """On AVX-512 builds float32 products run the core kernel's packed blocks, reading column blocks of wider
+    buffers in place; forced library routes, other dtypes and autograd inputs keep the library routes."""
+    if not (gemm.cpu_has_avx512() and gemm.KERNEL.load() and torch.ops.seqplat_core_gemm.packed_outer()):
+        pytest.skip("the packed route is not built here (no AVX-512, or no compiler)")
+    monkeypatch.setenv("SEQPLAT_STEP_GEMM", "auto")
+    torch.manual_seed(0)
+    wide, b = torch.randn(300, 1044), torch.randn(300, 128)
+    a = wide[:, 768:]  # a column block, rows 1044 apart
+    assert gemm.outer_uses_packed(a, b)
+    got = gemm.outer(a, b)
+    torch.testing.assert_close(got, (a.double().t() @ b.double()).float(), rtol=1e-4, atol=1e-3)
+    assert not gemm.outer_uses_packed(a.double(), b.double())
+    assert not gemm.outer_uses_packed(a.t(), b[:276])  # columns not contiguous
+    assert not gemm.outer_uses_packed(b.clone().requires_grad_(), b)
+    for route in ("mm", "onednn"):
+        monkeypatch.setenv("SEQPLAT_STEP_GEMM", route)
+        assert not gemm.outer_uses_packed(a, b)
 
 
 def test_outer_runs_any_dtype_on_the_mm_route():

@@ -1,7 +1,7 @@
 """Build every C++ kernel of seqplat's own plugins into the kernel cache: ``python -m seqplat.testing.prebuild``.
 
 The test suite starts this in a background process (see ``tests/conftest.py``) so the kernels compile on
-the second core while the first runs tests: eight builds of 30-40 s each, otherwise done one after the
+the second core while the first runs tests: nine builds of 5-40 s each, otherwise done one after the
 other inside the tests that first need them. A test that needs a kernel still being built waits for
 torch's build lock and then loads the finished build. Kernels already in the cache load in milliseconds.
 """
@@ -13,6 +13,7 @@ import sys
 
 #: modules holding a ``KERNEL`` (:class:`seqplat.core.cpp_ext.CppKernel`), roughly in the order the tests need them
 KERNEL_MODULES: tuple[str, ...] = (
+    "seqplat.core.gemm",
     "seqplat.plugins.gam_rhn.fused",
     "seqplat.plugins.baselines.own_lstm",
     "seqplat.plugins.rhn.fused",
