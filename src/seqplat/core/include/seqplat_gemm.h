@@ -222,7 +222,8 @@ inline void packed_rows(const float* x, int64_t xs, int64_t xk, const float* pan
 }
 #endif
 
-// threads for a product of `macs` multiply-adds: 1 below kPackedSerialMacs, with one thread, or inside a parallel region
+// threads for a product of `macs` multiply-adds: 1 below kPackedSerialMacs, with one thread, or inside a parallel
+// region
 inline int64_t packed_threads(int64_t macs) {
   const bool serial = at::get_num_threads() == 1 || at::in_parallel_region() || macs < kPackedSerialMacs;
   return serial ? 1 : at::get_num_threads();

@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqplat.core.cpp_ext import CppKernel
-from seqplat.core.gemm import onednn_linear, outer, projection_uses_onednn
+from seqplat.core.gemm import outer, projection
 from seqplat.core.workspace import Workspace
 
 _aten = torch.ops.aten
@@ -148,13 +148,6 @@ def _layer_weights(weights: tuple[Tensor, ...], depth: int) -> list[dict[str, Te
     return out
 
 
-def _project(x_rows: Tensor, w_x: Tensor, b_x: Tensor) -> Tensor:
-    """``x_rows @ w_x^T + b_x`` without autograd (oneDNN's inner product where :func:`projection` takes it)."""
-    if projection_uses_onednn(x_rows, w_x):
-        return onednn_linear(x_rows.contiguous(), w_x.contiguous(), b_x.contiguous())
-    return torch.addmm(b_x, x_rows, w_x.t())
-
-
 class GAMRHNRecurrence(torch.autograd.Function):
     """``(ys [T, b, D], m_T [b, S, N], s_T [b, D])`` from the hoisted input projections ``xp [T, b, H+D+N]``.
 
@@ -198,7 +191,7 @@ class GAMRHNRecurrence(torch.autograd.Function):
             if b_x is None:
                 raise ValueError("gam_rhn: w_x needs b_x")
             x_rows = xp
-            xp = _project(x_rows, w_x, b_x).view(-1, s0.shape[0], w_x.shape[0])
+            xp = projection(x_rows, w_x, b_x).view(-1, s0.shape[0], w_x.shape[0])  # no autograd in forward
             ctx.save_for_backward(*weights, x_rows, w_x)
         else:
             ctx.save_for_backward(*weights)

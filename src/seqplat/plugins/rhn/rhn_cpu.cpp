@@ -28,8 +28,9 @@
 // Buffers (caller-owned, so a Workspace can reuse them): s_in [L, K, B, n], a [L, K, B, 2n],
 // e [L, K, B, n] (and for hyper_rhn rs [L, K, B, 2n] = v and z [L, K, B, n]) with K = T (training) or 1
 // (inference: one step's scratch, reused). Time major, contiguous. Every per-step product reads and writes
-// raw rows (seqplat::rows_product) where its route allows. Rows run in parallel (at::parallel_for, compiled
-// with -fopenmp by seqplat.core.cpp_ext) when a micro-layer has two chunks' worth of them.
+// raw rows (seqplat::product_rows; tensor views only for oneDNN's output in rhn's forward). Rows run in
+// parallel (at::parallel_for, compiled with -fopenmp by seqplat.core.cpp_ext) when a micro-layer has two
+// chunks' worth of them.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -157,10 +158,10 @@ void check_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Tensor&
   if (hyper) {
     const int64_t m = hyper_states->size(-1);
     TORCH_CHECK(K == T, "rhn: the scaled loop keeps every step");
-    TORCH_CHECK(hyper_states->sizes() == at::IntArrayRef({L, T, B, m}) && proj_w->sizes() == at::IntArrayRef({L, n, m}) &&
-                    proj_b->sizes() == at::IntArrayRef({L, n}),
-                "rhn: hyper_states must be [", L, ", ", T, ", ", B, ", m], proj_weight [", L, ", ", n, ", m], proj_bias [",
-                L, ", ", n, "]");
+    TORCH_CHECK(hyper_states->sizes() == at::IntArrayRef({L, T, B, m}) &&
+                    proj_w->sizes() == at::IntArrayRef({L, n, m}) && proj_b->sizes() == at::IntArrayRef({L, n}),
+                "rhn: hyper_states must be [", L, ", ", T, ", ", B, ", m], proj_weight [", L, ", ", n,
+                ", m], proj_bias [", L, ", ", n, "]");
     TORCH_CHECK(rs->sizes() == a.sizes() && z->sizes() == at::IntArrayRef({L, T, B, n}),
                 "rhn: rs must be shaped like a, z [", L, ", ", T, ", ", B, ", ", n, "]");
     for (const at::Tensor* t : {&*hyper_states, &*proj_w, &*proj_b, &*rs, &*z}) {
@@ -230,23 +231,18 @@ at::Tensor rhn_forward(const at::Tensor& xp, const at::Tensor& s0, const at::Ten
         if (z_p != nullptr) {  // H2: z = P_l s_hyper + p_l (K == T: buf is [l, j])
           scalar_t* zr = z_p + buf * s1;
           for (int64_t r = 0; r < B; ++r) std::copy(pb_p + l * n, pb_p + (l + 1) * n, zr + r * n);
-          if (!seqplat::rows_product<scalar_t, true>(zr, n, hs_p + buf * B * m, m, B, pf[l])) {
-            at::Tensor z_lj = (*z)[l][j];
-            seqplat::addmm_into(z_lj, (*hyper_states)[l][j], pf[l]);
-          }
+          seqplat::product_rows<scalar_t, true>(zr, n, hs_p + buf * B * m, m, B, pf[l]);
         }
         // s_in R_l^T: kept in rs for the backward (hyper scales), else read where it lands (a, or oneDNN's output).
-        // On the packed and thin routes from raw pointers: tensor views cost about 1 us each, ~6 per micro-layer
+        // From raw rows (seqplat::product_rows): tensor views cost about 1 us each, ~6 per micro-layer
         scalar_t* prod_p = (rs_p != nullptr ? rs_p : a_p) + buf * s2;
         at::Tensor prod;  // oneDNN's output, alive until forward_cell has read it
-        if (!seqplat::rows_product<scalar_t, false>(prod_p, 2 * n, si_p + buf * s1, n, B, wf[l])) {
-          at::Tensor mm_lk = rs ? (*rs)[l][k] : a[l][k];
-          if (rs) {
-            seqplat::mm_into(mm_lk, s_in[l][k], wf[l]);
-          } else {
-            prod = seqplat::mm_result(mm_lk, s_in[l][k], wf[l]);
-            prod_p = prod.mutable_data_ptr<scalar_t>();
-          }
+        if (rs_p != nullptr) {
+          seqplat::product_rows<scalar_t, false>(prod_p, 2 * n, si_p + buf * s1, n, B, wf[l]);
+        } else if (!seqplat::rows_product<scalar_t, false>(prod_p, 2 * n, si_p + buf * s1, n, B, wf[l])) {
+          at::Tensor a_lk = a[l][k];
+          prod = seqplat::mm_result(a_lk, s_in[l][k], wf[l]);
+          prod_p = prod.mutable_data_ptr<scalar_t>();
         }
         scalar_t* s_out;
         scalar_t* s_in_next = nullptr;
@@ -333,25 +329,17 @@ at::Tensor backward_loop(const at::Tensor& w, const std::optional<at::Tensor>& m
                                         scaled->dz.mutable_data_ptr<scalar_t>() + buf * s1,
                                         scaled->db.mutable_data_ptr<scalar_t>() + l * db_rows * 3 * n, B, n);
           const int64_t m = scaled->d_hyper.size(3);  // H2: dL/ds_hyper = dz P_l, while dz is in cache
-          scalar_t* dh = scaled->d_hyper.mutable_data_ptr<scalar_t>() + buf * B * m;
-          if (!seqplat::rows_product<scalar_t, false>(dh, m, scaled->dz.const_data_ptr<scalar_t>() + buf * s1, n, B,
-                                                      scaled->p[l])) {
-            at::Tensor dh_lj = scaled->d_hyper[l][j];
-            seqplat::mm_into(dh_lj, scaled->dz[l][j], scaled->p[l]);
-          }
+          seqplat::product_rows<scalar_t, false>(scaled->d_hyper.mutable_data_ptr<scalar_t>() + buf * B * m, m,
+                                                 scaled->dz.const_data_ptr<scalar_t>() + buf * s1, n, B, scaled->p[l]);
         } else {
           backward_cell<scalar_t, false>(a_p + buf * s2, e_p + buf * s1, g_lj, nullptr, nullptr, ds_p, g_out, nullptr,
                                          nullptr, nullptr, B, n);
         }
         if (mh == nullptr) {  // s_in = s: dL/ds += du R_l
-          if (!seqplat::rows_product<scalar_t, true>(ds_p, n, g_out, 2 * n, B, wb[l])) {
-            seqplat::addmm_into(ds, grads[l][j], wb[l]);
-          }
+          seqplat::product_rows<scalar_t, true>(ds_p, n, g_out, 2 * n, B, wb[l]);
         } else {  // s_in = s m_h: dL/ds += (du R_l) m_h
           scalar_t* tp = tmp.mutable_data_ptr<scalar_t>();
-          if (!seqplat::rows_product<scalar_t, false>(tp, n, g_out, 2 * n, B, wb[l])) {
-            seqplat::mm_into(tmp, grads[l][j], wb[l]);
-          }
+          seqplat::product_rows<scalar_t, false>(tp, n, g_out, 2 * n, B, wb[l]);
           for (int64_t i = 0; i < s1; ++i) ds_p[i] += tp[i] * mh[i];
         }
       }
