@@ -103,14 +103,15 @@ def packed(step_product, monkeypatch):
 
 # (rows, K, N): rows around the 6-row blocks (1, 5, 6, 7, 32) and enough for row chunks in parallel (130);
 # N around the 64-column panels (33, 64, 65, 778: a 10-wide last panel) and panels enough for two per thread;
-# an odd K (K and N <= 32 go to the thin loops)
+# last panels of 1 to 4 registers (65, 90, 100, 64); an odd number of panels, so that the threads' shares end inside
+# one (778, 522); an odd K (K and N <= 32 go to the thin loops)
 PACKED_SHAPES = [
-    (1, 256, 1024), (5, 33, 64), (6, 40, 65), (7, 33, 100), (32, 256, 256), (32, 256, 778), (32, 778, 256),
-    (130, 97, 200), (128, 256, 1024), (3, 300, 40),
+    (1, 256, 1024), (5, 33, 64), (6, 40, 65), (7, 33, 100), (9, 50, 90), (32, 256, 256), (32, 256, 778),
+    (32, 778, 256), (32, 256, 522), (130, 97, 200), (128, 256, 1024), (3, 300, 40),
 ]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(("rows", "k", "n"), PACKED_SHAPES)
 def test_packed_products_match_mm(packed, rows, k, n, threads):
     torch.manual_seed(2)

@@ -46,6 +46,10 @@ using seqplat::sigmoid;
 // 4096 gave 32k tokens/s, 8192 26k, 32768 (ATen's grain: every pass on one thread) 22k. On an oversubscribed
 // machine every parallel region costs far more and one thread wins; torch.set_num_threads(1) then.
 constexpr int64_t kGrain = 4096;
+// the passes over the memory slots (address softmaxes, the write and the reads) do about twice the work per element
+// of the passes over the state (exps, sums over the slots): their grains count 8 per memory element, so that at
+// B = 32 they run on both threads (counted as 4, they ran on one: the step took 3% longer at H = 256)
+constexpr int64_t kSlotWork = 8;
 
 struct Dims {
   int64_t T, B, D, H, N, S, L;
@@ -274,7 +278,7 @@ _Pragma("omp simd")
       scalar_t* m_new = mem_p + (t + 1) * BSN;
       scalar_t* a0_t = a0_p + t * 2 * BSN;
       scalar_t* xr0 = xr_p + t * BN;
-      for_rows(B, row_grain(4 * SN, kGrain), [&](int64_t b0, int64_t b1) {
+      for_rows(B, row_grain(kSlotWork * SN, kGrain), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           scalar_t* mv = mbar_tp + b * N;
           scalar_t* mbv = mb_tp + b * N;
@@ -315,7 +319,7 @@ _Pragma("omp simd")
           scalar_t* a_t = a_p + ((i - 1) * T + t) * BSN;
           const scalar_t* ba = W.b_a.const_data_ptr<scalar_t>();
           scalar_t* xr_t = xr_p + lt * BN;
-          for_rows(B, row_grain(3 * SN, kGrain), [&](int64_t b0, int64_t b1) {
+          for_rows(B, row_grain(kSlotWork * SN, kGrain), [&](int64_t b0, int64_t b1) {
             for (int64_t b = b0; b < b1; ++b) {
               grouped_softmax(lg_p + b * 2 * SN, ba, a_t + b * SN, tmp_p + b * 2 * N, S, N);
               read_memory(a_t + b * SN, m_new + b * SN, xr_t + b * N, S, N);
@@ -445,10 +449,6 @@ std::tuple<at::Tensor, at::Tensor> gam_rhn_backward(const at::Tensor& dys_in, co
     scalar_t* tmp_p = tmp.mutable_data_ptr<scalar_t>();
     const int64_t BD = B * D, BN = B * N, BSN = B * SN;
     for (int64_t t = T - 1; t >= 0; --t) {
-      {
-        const scalar_t* dy = dys_p + t * BD;
-        for (int64_t j = 0; j < BD; ++j) ds_p[j] += dy[j];  // y_t = s^L_t
-      }
       const scalar_t* m_new = mem_p + (t + 1) * BSN;
       scalar_t* da0_t = da0_p + t * 2 * BSN;
       scalar_t* dg0_t = dg0_p + t * B * W0;
@@ -461,12 +461,17 @@ std::tuple<at::Tensor, at::Tensor> gam_rhn_backward(const at::Tensor& dys_in, co
         const scalar_t* sh_t = sh_p + lt * BD;
         const scalar_t* s_t = si_p + lt * BD;
         const scalar_t* mr_t = mr_p + (t * L + i) * mr_step;
-        // s = shat + z (s_prev - shat), shat = tanh(v) (* mask), z = sigmoid(.)
+        // s = shat + z (s_prev - shat), shat = tanh(v) (* mask), z = sigmoid(.); the last layer's s is y_t as well
+        const scalar_t* dy = i == L - 1 ? dys_p + t * BD : nullptr;
         for_rows(B, row_grain(6 * D, kGrain), [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t o = b * D;
             const scalar_t* z = g_t + b * 2 * D + D;
             scalar_t* dgr = dg_t + b * wd;
+            if (dy != nullptr) {
+_Pragma("omp simd")
+              for (int64_t k = 0; k < D; ++k) ds_p[o + k] += dy[o + k];
+            }
 _Pragma("omp simd")
             for (int64_t k = 0; k < D; ++k) {
               const scalar_t dsv = ds_p[o + k], zk = z[k], th = y_t[o + k];
@@ -496,7 +501,7 @@ _Pragma("omp simd")
         const scalar_t* a_t = i == 0 ? a0_p + t * 2 * BSN + SN : a_p + ((i - 1) * T + t) * BSN;
         scalar_t* da_t = i == 0 ? da0_t + SN : da_p + ((i - 1) * T + t) * BSN;
         const int64_t a_stride = i == 0 ? 2 * SN : SN;
-        for_rows(B, row_grain(4 * SN, kGrain), [&](int64_t b0, int64_t b1) {
+        for_rows(B, row_grain(kSlotWork * SN, kGrain), [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             const scalar_t* ar = a_t + b * a_stride;
             scalar_t* dar = da_t + b * a_stride;
@@ -534,7 +539,7 @@ _Pragma("omp simd")
       const scalar_t* mbar_t = mbar_p + t * BN;
       const scalar_t* mg_t = mg_p + t * mg_step;
       const scalar_t* a0_t = a0_p + t * 2 * BSN;
-      for_rows(B, row_grain(4 * SN, kGrain), [&](int64_t b0, int64_t b1) {
+      for_rows(B, row_grain(kSlotWork * SN, kGrain), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const scalar_t* aw = a0_t + b * 2 * SN;
           scalar_t* daw = da0_t + b * 2 * SN;
