@@ -170,11 +170,15 @@ def test_forcing_the_packed_route_covers_thin_matrices(packed, monkeypatch):
 
 
 # (rows, m, n): rows across the 128-row chunks (1, 127, 300); m around the 6-row blocks; n around the 64-column
-# panels, below one panel with m above it (the transposed product) and below it with m smaller
-OUTER_SHAPES = [(1, 6, 64), (127, 7, 65), (300, 256, 778), (300, 768, 10), (130, 5, 40), (257, 33, 200), (64, 1, 1)]
+# panels, below one panel with m above it (the transposed product) and below it with m smaller, and more panels than
+# one group of kOuterPanels (1100: 18)
+OUTER_SHAPES = [
+    (1, 6, 64), (127, 7, 65), (300, 256, 778), (300, 768, 10), (130, 5, 40), (257, 33, 200), (64, 1, 1),
+    (130, 40, 1100),
+]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(("rows", "m", "n"), OUTER_SHAPES)
 def test_packed_outer_products_match_mm(packed, rows, m, n, threads):
     torch.manual_seed(4)
