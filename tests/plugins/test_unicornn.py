@@ -395,6 +395,33 @@ def test_projection_inside_the_cpp_function_matches_the_reference(monkeypatch):
         assert err < 1e-5, f"output/gradient {i} differs from the reference path by {err:.2e}"
 
 
+@pytest.mark.skipif(not gemm.projection_uses_onednn(torch.ones(1), torch.ones(1)),
+                    reason="the projection runs inside the C++ loop's function only where it takes oneDNN")
+def test_projection_gradients_do_not_depend_on_the_thread_count():
+    """The C++ backward sums the projection's weight gradient per fixed slab of batch rows and adds the slabs in
+    order: one, two or three threads give the same gradients bit for bit (19 rows: slabs of two and three)."""
+    if not load_cpp_extension(cache_dir=EXT_CACHE):
+        pytest.skip(f"C++ kernel unavailable: {recurrence.cpp_error()}")
+    torch.manual_seed(0)
+    cell = build_cell({"name": "unicornn", "hidden_size": 70, "num_layers": 1}, 33).train()
+    x = torch.randn(19, 40, 33)
+    before = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            cell.zero_grad(set_to_none=True)
+            torch.manual_seed(1)  # the same dropout mask
+            y, _ = cell(x)
+            y.square().sum().backward()
+            grads.append([p.grad.clone() for p in cell.parameters()])
+    finally:
+        torch.set_num_threads(before)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other, strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 # -- spec 7.8: dropout over time ---------------------------------------------------------------------------
 
 def test_dropout_mask_is_shared_over_time_and_eval_is_identity():

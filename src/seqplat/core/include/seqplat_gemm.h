@@ -632,6 +632,55 @@ inline bool packed_outer_applies(const at::Tensor& a, const at::Tensor& b) {
          b.stride(1) == 1;
 }
 
+#if SEQPLAT_PACKED_GEMM
+// One block of an outer product c = a^T @ b on the calling thread: c[i0 : i0 + ni, the columns of panels
+// p0 .. p0 + np) (+)= (a^T @ b) over rows [0, rows), for a [rows, *] and b [rows, n] with rows as and bs apart and
+// c [*, n] row major. The rows go in chunks of kOuterChunk: the chunk's panels of b are copied into `panels`
+// (np * kOuterChunk * kPanel floats, 64-byte aligned), then each block of 6 columns of a (in L1) meets every panel.
+// accumulate = false writes c's block, true adds to it.
+inline void outer_block(const float* ap, int64_t as, const float* bp, int64_t bs, int64_t rows, int64_t n, float* cp,
+                        int64_t i0, int64_t ni, int64_t p0, int64_t np, bool accumulate, float* panels) {
+  for (int64_t k0 = 0; k0 < rows; k0 += kOuterChunk) {
+    const int64_t kc = std::min(kOuterChunk, rows - k0);
+    for (int64_t q = 0; q < np; ++q) {  // panel q of the group: b[k0 : k0 + kc, j0 : j0 + w], zero-padded
+      const int64_t j0 = (p0 + q) * kPanel, w = std::min(kPanel, n - j0);
+      float* dst = panels + q * kOuterChunk * kPanel;
+      for (int64_t k = 0; k < kc; ++k) {
+        std::memcpy(dst + k * kPanel, bp + (k0 + k) * bs + j0, sizeof(float) * w);
+        if (w < kPanel) std::memset(dst + k * kPanel + w, 0, sizeof(float) * (kPanel - w));
+      }
+    }
+    for (int64_t r = 0; r < ni; r += kBlockRows) {  // 6 columns of a against every panel of the group
+      const int64_t nr = std::min(kBlockRows, ni - r);
+      const float* x = ap + k0 * as + i0 + r;  // x[r', k] = a[k0 + k, i0 + r + r']
+      for (int64_t q = 0; q < np; ++q) {
+        const int64_t j0 = (p0 + q) * kPanel, w = std::min(kPanel, n - j0);
+        float* out = cp + (i0 + r) * n + j0;
+        const float* panel = panels + q * kOuterChunk * kPanel;
+        if (k0 == 0 && !accumulate) {
+          packed_rows<false, false>(x, 1, as, panel, kc, out, n, nr, w);
+        } else {
+          packed_rows<true, false>(x, 1, as, panel, kc, out, n, nr, w);
+        }
+      }
+    }
+  }
+}
+
+// c [m, n] += a^T @ b on the calling thread (outer_block over all of c), for a [rows, m] and b [rows, n] with rows as
+// and bs apart: a sequence kernel's weight gradient summed block by block while the block is in cache.
+// `scratch` holds the panels (reused between calls; sized here).
+inline void outer_accumulate(const float* ap, int64_t as, const float* bp, int64_t bs, int64_t rows, int64_t m,
+                             int64_t n, float* cp, std::vector<f32x16>& scratch) {
+  const int64_t P = (n + kPanel - 1) / kPanel, group = std::min(P, kOuterPanels);
+  scratch.resize(static_cast<size_t>(group * kOuterChunk * kPanel / 16));
+  for (int64_t p0 = 0; p0 < P; p0 += group) {
+    outer_block(ap, as, bp, bs, rows, n, cp, 0, m, p0, std::min(group, P - p0), true,
+                reinterpret_cast<float*>(scratch.data()));
+  }
+}
+#endif
+
 // a^T @ b on the packed route (packed_outer_applies holds): [m, n], a new tensor. Tasks are groups of up to
 // kOuterPanels panels of c's columns, split further into chunks of c's rows where there are fewer groups than two
 // per thread; each task walks the rows of a and b in chunks, the first chunk writing c's blocks and the others adding
@@ -657,36 +706,11 @@ inline at::Tensor packed_outer(const at::Tensor& a, const at::Tensor& b) {
   const int64_t chunk_rows = (blocks + chunks - 1) / chunks * kBlockRows;
   const auto run = [&](int64_t t0, int64_t t1) {
     std::vector<f32x16> buffer(static_cast<size_t>(group_panels * kOuterChunk * kPanel / 16));
-    float* panels = reinterpret_cast<float*>(buffer.data());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p0 = (t % groups) * group_panels, i0 = (t / groups) * chunk_rows;
       const int64_t np = std::min(group_panels, P - p0), ni = std::min(chunk_rows, m - i0);
       if (np <= 0 || ni <= 0) continue;
-      for (int64_t k0 = 0; k0 < rows; k0 += kOuterChunk) {
-        const int64_t kc = std::min(kOuterChunk, rows - k0);
-        for (int64_t q = 0; q < np; ++q) {  // panel q of the group: b[k0 : k0 + kc, j0 : j0 + w], zero-padded
-          const int64_t j0 = (p0 + q) * kPanel, w = std::min(kPanel, n - j0);
-          float* dst = panels + q * kOuterChunk * kPanel;
-          for (int64_t k = 0; k < kc; ++k) {
-            std::memcpy(dst + k * kPanel, bp + (k0 + k) * bs + j0, sizeof(float) * w);
-            if (w < kPanel) std::memset(dst + k * kPanel + w, 0, sizeof(float) * (kPanel - w));
-          }
-        }
-        for (int64_t r = 0; r < ni; r += kBlockRows) {  // 6 columns of a against every panel of the group
-          const int64_t nr = std::min(kBlockRows, ni - r);
-          const float* x = ap + k0 * as + i0 + r;  // x[r', k] = a[k0 + k, i0 + r + r']
-          for (int64_t q = 0; q < np; ++q) {
-            const int64_t j0 = (p0 + q) * kPanel, w = std::min(kPanel, n - j0);
-            float* out = cp + (i0 + r) * n + j0;
-            const float* panel = panels + q * kOuterChunk * kPanel;
-            if (k0 == 0) {
-              packed_rows<false, false>(x, 1, as, panel, kc, out, n, nr, w);
-            } else {
-              packed_rows<true, false>(x, 1, as, panel, kc, out, n, nr, w);
-            }
-          }
-        }
-      }
+      outer_block(ap, as, bp, bs, rows, n, cp, i0, ni, p0, np, false, reinterpret_cast<float*>(buffer.data()));
     }
   };
   run_packed_tasks(groups * chunks, threads, run);
