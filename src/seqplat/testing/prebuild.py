@@ -1,7 +1,7 @@
 """Build every C++ kernel of seqplat's own plugins into the kernel cache: ``python -m seqplat.testing.prebuild``.
 
 The test suite starts this in a background process (see ``tests/conftest.py``) so the kernels compile on
-the second core while the first runs tests: nine builds of 5-40 s each, otherwise done one after the
+the second core while the first runs tests: ten builds of 5-40 s each, otherwise done one after the
 other inside the tests that first need them. A test that needs a kernel still being built waits for
 torch's build lock and then loads the finished build. Kernels already in the cache load in milliseconds.
 """
@@ -21,6 +21,7 @@ KERNEL_MODULES: tuple[str, ...] = (
     "seqplat.plugins.phased_lstm.scan",
     "seqplat.plugins.sab.fused",
     "seqplat.plugins.unicornn.recurrence",
+    "seqplat.plugins.unicornn.cornn_fused",
     "seqplat.plugins.baselines.own_gru",
 )
 

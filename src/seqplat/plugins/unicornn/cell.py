@@ -37,6 +37,7 @@ from seqplat import Cell, StepCell
 from seqplat.core.cell import State
 from seqplat.core.gemm import projection
 
+from . import cornn_fused
 from .config import CoRNNConfig, UnICORNNConfig
 from .recurrence import fused_scan, projected_scan, projected_scan_applies, reference_scan
 
@@ -135,8 +136,10 @@ class UnICORNNCell(Cell):
 class CoRNNCell(StepCell):
     """coRNN: coupled oscillators with damping, one dense ``Linear(d+2h -> h)`` per step (C1)-(C2).
 
-    The fast path hoists ``V u + b`` for all steps out of the loop and keeps the recurrent part
-    ``[W_z, W_y] @ [z, y]`` as one ``addmm`` per step; the parameters are the same tensors.
+    The fast path hoists ``V u + b`` for all steps out of the loop into one product and runs the recurrence
+    in C++ (:mod:`.cornn_fused`: one product of ``[W_z, W_y]`` with ``[z, y]`` and one fused pass per step, an
+    explicit backward); without the kernel, a Python loop with one ``addmm`` per step. The parameters are the
+    same tensors.
     """
 
     config_class = CoRNNConfig
@@ -174,6 +177,10 @@ class CoRNNCell(StepCell):
         d = self.input_size
         w_u, w_zy = self.i2h.weight[:, :d], self.i2h.weight[:, d:]
         xp = F.linear(x, w_u, self.i2h.bias)  # V u_n + b for all n
+        if cornn_fused.usable(xp) and xp.shape[1] > 0:
+            cfg = self.config
+            ys, y, z = cornn_fused.cornn_loop(xp, w_zy, y, z, cfg.dt, cfg.gamma, cfg.epsilon, cfg.implicit_damping)
+            return ys, (y, z)
         w_zy_t = w_zy.t()
         ys = []
         for xp_t in xp.unbind(1):
