@@ -17,10 +17,12 @@
 //       v     = rs W_cs + xg[:D] + b_c;  th = tanh(v);  shat = th (* mask_r)
 //       s^l   = shat + z (s - shat)
 //
-// Every GEMM stays an at::mm call (ATen/MKL); everything between two GEMMs is one fused pass over the
-// batch rows (seqplat::for_rows: parallel when there are enough rows). The values the backward needs go
-// into the caller's buffers (carved from one Workspace block, see fused.py): the same buffers and layouts
-// as the python loop, except `y`, which holds th = tanh(v) here (the python loop keeps sigmoid(2v)).
+// The per-step products go through seqplat::product_rows (seqplat_gemm.h: the packed register blocks on AVX-512
+// builds, else MKL or oneDNN); everything between two products is one fused pass over the batch rows
+// (seqplat::for_rows: parallel when there are enough rows). The values the backward needs go into the caller's
+// buffers (carved from one Workspace block, see fused.py): the python loop's buffers and layouts, except that
+// `y` holds th = tanh(v) here (the python loop keeps sigmoid(2v)), that of `pre` only the h_w columns are kept
+// (`hw`; a step's pre is scratch), and that there is no `shat` (the backward takes th * mask_r).
 // The backward walks the steps in reverse and fills the pre-activation gradients dg0/dgl and the address
 // logit gradients da0/da; the caller then does the weight gradients as one GEMM per matrix over all steps.
 
@@ -175,7 +177,9 @@ _Pragma("omp simd")
 }
 
 // forward buffers, in the order the op takes them
-enum Buf { PRE, R, U, MBAR, MB, MEM, A0, S_IN, XR, G, RS, Y, SHAT, HS, A, YS, NBUF };
+// HW holds h_w [T, b, H] (the only columns of pre the backward reads); SHAT is not used (the backward recomputes
+// shat = th * mask_r): the op takes an empty tensor there
+enum Buf { HW, R, U, MBAR, MB, MEM, A0, S_IN, XR, G, RS, Y, SHAT, HS, A, YS, NBUF };
 
 void gam_rhn_forward(const at::Tensor& xp_in, const at::Tensor& m0_in, const at::Tensor& s0_in,
                      const std::optional<at::Tensor>& mask_g, const std::optional<at::Tensor>& mask_r,
@@ -202,9 +206,11 @@ void gam_rhn_forward(const at::Tensor& xp_in, const at::Tensor& m0_in, const at:
   }
   const at::Tensor mg = mask_g ? mask_g->contiguous() : at::ones({B, N}, xp.options());
   const at::Tensor mr = mask_r ? mask_r->contiguous() : at::ones({B, D}, xp.options());
-  const at::Tensor &pre = bufs[PRE], &r = bufs[R], &u = bufs[U], &mbar = bufs[MBAR], &mb = bufs[MB];
+  const at::Tensor &hw = bufs[HW], &r = bufs[R], &u = bufs[U], &mbar = bufs[MBAR], &mb = bufs[MB];
   const at::Tensor &mem = bufs[MEM], &a0 = bufs[A0], &s_in = bufs[S_IN], &xr = bufs[XR], &g = bufs[G];
-  const at::Tensor &rs = bufs[RS], &y = bufs[Y], &shat = bufs[SHAT], &hs = bufs[HS], &a = bufs[A], &ys = bufs[YS];
+  const at::Tensor &rs = bufs[RS], &y = bufs[Y], &hs = bufs[HS], &a = bufs[A], &ys = bufs[YS];
+  TORCH_CHECK(hw.numel() == d.T * d.B * H, "gam_rhn: the h_w buffer must be [T, b, H]");
+  at::Tensor pre = at::empty({B, P}, xp.options());  // one step's s_{t-1} W_s0 (+ x parts)
   at::Tensor logits = at::empty({B, 2 * SN}, xp.options());
   at::Tensor xg = at::empty({B, 3 * D}, xp.options());
   at::Tensor cp = at::empty({B, D}, xp.options());
@@ -217,7 +223,8 @@ void gam_rhn_forward(const at::Tensor& xp_in, const at::Tensor& m0_in, const at:
     const scalar_t* mg_p = mg.const_data_ptr<scalar_t>();
     const scalar_t* mr_p = mr.const_data_ptr<scalar_t>();
     const int64_t mg_step = mask_g ? B * N : 0, mr_step = mask_r ? B * D : 0;  // a ones row block when absent
-    scalar_t* pre_p = pre.mutable_data_ptr<scalar_t>();
+    scalar_t* pre_tp = pre.mutable_data_ptr<scalar_t>();
+    scalar_t* hw_p = hw.mutable_data_ptr<scalar_t>();
     scalar_t* r_p = r.mutable_data_ptr<scalar_t>();
     scalar_t* u_p = u.mutable_data_ptr<scalar_t>();
     scalar_t* mbar_p = mbar.mutable_data_ptr<scalar_t>();
@@ -229,7 +236,6 @@ void gam_rhn_forward(const at::Tensor& xp_in, const at::Tensor& m0_in, const at:
     scalar_t* g_p = g.mutable_data_ptr<scalar_t>();
     scalar_t* rs_p = rs.mutable_data_ptr<scalar_t>();
     scalar_t* y_p = y.mutable_data_ptr<scalar_t>();
-    scalar_t* sh_p = shat.mutable_data_ptr<scalar_t>();
     scalar_t* hs_p = L > 1 ? hs.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* a_p = L > 1 ? a.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* ys_p = ys.mutable_data_ptr<scalar_t>();
@@ -242,7 +248,6 @@ void gam_rhn_forward(const at::Tensor& xp_in, const at::Tensor& m0_in, const at:
     for (int64_t t = 0; t < T; ++t) {
       // the products read and write raw rows (seqplat::product_rows): no tensor views per step
       const scalar_t* sp = t == 0 ? s0.const_data_ptr<scalar_t>() : ys_p + (t - 1) * BD;
-      scalar_t* pre_tp = pre_p + t * B * P;
       seqplat::product_rows<scalar_t, false>(pre_tp, P, sp, D, B, m_s0);  // s_{t-1} W_s0
       const scalar_t* xp_t = xp_p + t * B * (H + D + N);
       scalar_t* r_t = r_p + t * BD;
@@ -256,8 +261,12 @@ void gam_rhn_forward(const at::Tensor& xp_in, const at::Tensor& m0_in, const at:
           const scalar_t* s = sp + b * D;
 _Pragma("omp simd")
           for (int64_t j = 0; j < 2 * D; ++j) pr[j] += bg0_p[j];
+          scalar_t* hw_row = hw_p + (t * B + b) * H;
 _Pragma("omp simd")
-          for (int64_t j = 0; j < H; ++j) pr[2 * D + j] += xr_row[j];
+          for (int64_t j = 0; j < H; ++j) {
+            pr[2 * D + j] += xr_row[j];
+            hw_row[j] = pr[2 * D + j];
+          }
 _Pragma("omp simd")
           for (int64_t k = 0; k < D; ++k) {
             const scalar_t rv = sigmoid(pr[2 * D + H + k] + xr_row[H + k]);
@@ -356,7 +365,6 @@ _Pragma("omp simd")
         const scalar_t* bc = W.b_c.const_data_ptr<scalar_t>();
         const scalar_t* mr_t = mr_p + (t * L + i) * mr_step;
         scalar_t* y_t = y_p + lt * BD;
-        scalar_t* sh_t = sh_p + lt * BD;
         scalar_t* s_out = i == L - 1 ? ys_p + t * BD : si_p + ((i + 1) * T + t) * BD;
         for_rows(B, row_grain(6 * D, kGrain), [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
@@ -370,7 +378,6 @@ _Pragma("omp simd")
               const scalar_t th = std::tanh(cr[k] + xgr[k] + bc[k]);
               const scalar_t sh = th * mr_t[o + k];
               y_t[o + k] = th;
-              sh_t[o + k] = sh;
               s_out[o + k] = sh + z[k] * (s[k] - sh);  // z s + (1 - z) s_hat
             }
           }
@@ -437,7 +444,6 @@ std::tuple<at::Tensor, at::Tensor> gam_rhn_backward(const at::Tensor& dys_in, co
     const scalar_t* si_p = bufs[S_IN].const_data_ptr<scalar_t>();
     const scalar_t* g_p = bufs[G].const_data_ptr<scalar_t>();
     const scalar_t* y_p = bufs[Y].const_data_ptr<scalar_t>();
-    const scalar_t* sh_p = bufs[SHAT].const_data_ptr<scalar_t>();
     const scalar_t* a_p = L > 1 ? bufs[A].const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dg0_p = dg0.mutable_data_ptr<scalar_t>();
     scalar_t* da0_p = da0.mutable_data_ptr<scalar_t>();
@@ -458,7 +464,6 @@ std::tuple<at::Tensor, at::Tensor> gam_rhn_backward(const at::Tensor& dys_in, co
         const int64_t wd = i == 0 ? W0 : WL;
         const scalar_t* g_t = g_p + lt * B * 2 * D;
         const scalar_t* y_t = y_p + lt * BD;
-        const scalar_t* sh_t = sh_p + lt * BD;
         const scalar_t* s_t = si_p + lt * BD;
         const scalar_t* mr_t = mr_p + (t * L + i) * mr_step;
         // s = shat + z (s_prev - shat), shat = tanh(v) (* mask), z = sigmoid(.); the last layer's s is y_t as well
@@ -474,9 +479,9 @@ _Pragma("omp simd")
             }
 _Pragma("omp simd")
             for (int64_t k = 0; k < D; ++k) {
-              const scalar_t dsv = ds_p[o + k], zk = z[k], th = y_t[o + k];
-              dgr[k] = dsv * (scalar_t(1) - zk) * mr_t[o + k] * (scalar_t(1) - th * th);      // dv
-              dgr[2 * D + k] = dsv * (s_t[o + k] - sh_t[o + k]) * zk * (scalar_t(1) - zk);  // dz pre
+              const scalar_t dsv = ds_p[o + k], zk = z[k], th = y_t[o + k], mk = mr_t[o + k];
+              dgr[k] = dsv * (scalar_t(1) - zk) * mk * (scalar_t(1) - th * th);              // dv
+              dgr[2 * D + k] = dsv * (s_t[o + k] - th * mk) * zk * (scalar_t(1) - zk);  // dz pre, shat = th mk
               ds_p[o + k] = dsv * zk;
             }
           }
