@@ -452,7 +452,8 @@ inline bool packed_applies(const at::Tensor& out, const at::Tensor& x, const Ste
 // share of the work, counted in registers x rows (a narrow last panel costs less), as one run of the panels in order:
 // whole panels, cut at a block of rows where a share ends inside one. A thread thus reads about 1 / threads of m,
 // the same part at every step (it stays in that core's cache), and no thread waits for another's extra panel: with
-// whole panels as tasks, [32, 256] x [256, 778]'s 13 panels split 7 : 6, one thread idle for 7% of the product.
+// whole panels as tasks, [32, 256] x [256, 778]'s 13 panels split 7 : 6 (the 13th, 10 columns wide, at full cost), one
+// thread waiting for a seventh of the product's time.
 template <bool accumulate>
 void packed_rows_product(float* op, int64_t os, const float* xp, int64_t xs, int64_t rows, const StepMatrix& s) {
 #if SEQPLAT_PACKED_GEMM

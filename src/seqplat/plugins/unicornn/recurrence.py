@@ -179,9 +179,10 @@ class ProjectedScan(torch.autograd.Function):
     -> (y * mask, y_T, z_T)``.
 
     Used where :func:`~seqplat.core.gemm.projection` takes oneDNN (float32 on an AVX-512 CPU). The C++ backward
-    writes ``grad x`` where oneDNN's backward-weights primitive reads it in place and returns ``grad V`` and
-    ``grad b`` from one call of it, instead of the copy of ``grad x``, the product and the bias sum that
-    autograd's projection backward runs. ``grad u`` is one oneDNN product.
+    returns ``grad V`` and ``grad b`` itself: on builds with the packed products it sums them batch row by batch
+    row while the row's ``grad x`` is in cache, else through oneDNN's backward-weights primitive reading ``grad x``
+    in place; either way without the copy of ``grad x``, the product and the bias sum that autograd's projection
+    backward runs. ``grad u`` is one oneDNN product.
     """
 
     @staticmethod

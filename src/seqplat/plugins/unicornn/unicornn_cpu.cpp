@@ -230,9 +230,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unicornn_forward(const at::Tensor
 }
 
 // u, when given, is the input of the layer's projection x = u V^T + b ([B*T, D], batch first like x): the
-// backward then also returns grad V = sum g_x^T u and grad b = sum g_x (else two empty tensors). g_x is written
-// into a buffer oneDNN's backward-weights primitive reads in place (seqplat::outer_factor), which computes both
-// in one call, with no copy of g_x and no separate pass for the bias.
+// backward then also returns grad V = sum g_x^T u and grad b = sum g_x (else two empty tensors). On float32 with
+// the packed products both are summed inside the loop (see kSlabs); otherwise g_x is written into a buffer that
+// seqplat::outer_with_sum reads in place (oneDNN's backward-weights primitive, one call for both, where it runs).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unicornn_backward(
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& delta_in, const at::Tensor& yT_in,
     const at::Tensor& zT_in, const at::Tensor& g_out_in, const at::Tensor& g_yT_in, const at::Tensor& g_zT_in,
