@@ -10,6 +10,13 @@ from seqplat.core import cpp_ext
 SOURCE = Path(cpp_ext.__file__).parents[1] / "plugins" / "unicornn" / "unicornn_cpu.cpp"
 
 
+@pytest.fixture(autouse=True)
+def _native_flags_by_default(monkeypatch):
+    """These tests pick the flag sets themselves: a suite run under SEQPLAT_PORTABLE_CPP=1 (the check of the
+    portable build) would otherwise drop the native ones they expect."""
+    monkeypatch.delenv("SEQPLAT_PORTABLE_CPP", raising=False)
+
+
 def test_cache_names_follow_flags_and_only_native_builds_follow_the_cpu(monkeypatch):
     native = cpp_ext.extension_name("k", SOURCE, cpp_ext.NATIVE_FLAGS)
     portable = cpp_ext.extension_name("k", SOURCE, cpp_ext.PORTABLE_FLAGS)
