@@ -482,13 +482,9 @@ void packed_rows_product(float* op, int64_t os, const float* xp, int64_t xs, int
       done += v * rows;
     }
   };
-  if (threads == 1) {
-    share(0);
-  } else {
-    at::parallel_for(0, threads, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) share(i);
-    });
-  }
+  run_packed_tasks(threads, threads, [&](int64_t i0, int64_t i1) {  // one share per thread
+    for (int64_t i = i0; i < i1; ++i) share(i);
+  });
 #else
   TORCH_CHECK(false, "seqplat: the packed step products were not built (no AVX-512 at compile time)");
 #endif

@@ -28,8 +28,9 @@ cpp_error = KERNEL.error  # why the kernel is unavailable, or None
 
 
 def usable(x: Tensor) -> bool:
-    """Whether the C++ loop can run ``x``: float32/float64 on CPU, with the kernel built."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and load_cpp_extension()
+    """Whether the C++ loop can run ``x``: float32/float64 on CPU, with the kernel built (``KERNEL.resolve``'s
+    ``auto`` choice)."""
+    return KERNEL.resolve("auto", x) == "cpp"
 
 
 class CoRNNRecurrence(torch.autograd.Function):
